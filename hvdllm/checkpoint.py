@@ -1,0 +1,94 @@
+"""Checkpoints: atomic save, keep-last-k, resume, loaded with weights_only=True.
+
+Layout of run_dir/checkpoints/step_00000100/:
+    model.pt      model state_dict (with pipelines: model_stage{S}.pt, one per stage)
+    train.pt      optimizer, loss scaler, step, RNG state
+    meta.json     step, layout (stages, replicas), tokenizer fingerprint, model config
+    job.toml      the resolved job that wrote it
+    tokenizer/    the tokenizer, so a checkpoint exports on its own
+A checkpoint is written into step_XXXXXXXX.tmp and renamed when complete: a directory without
+the .tmp suffix is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
+                  and (p / "meta.json").is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def begin(run_dir: Path, step: int) -> Path:
+    """Create (or empty) the temporary directory a checkpoint is written into."""
+    tmp = checkpoint_dir(run_dir, step).with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_file(tmp: Path, name: str, obj: Any) -> None:
+    torch.save(obj, tmp / name)
+
+
+def commit(tmp: Path, meta: dict, job_toml: str, tokenizer_dir: Path, keep: int) -> Path:
+    """Finish a checkpoint: meta, job, tokenizer, then the atomic rename; prune old ones."""
+    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    (tmp / "job.toml").write_text(job_toml)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    final = tmp.with_suffix("")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(final.parent.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_meta(ckpt: Path) -> dict:
+    if not (ckpt / "meta.json").is_file():
+        raise ValueError(f"{ckpt} is not a complete hvdllm checkpoint (no meta.json)")
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+def load_file(ckpt: Path, name: str) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only, never code."""
+    return torch.load(ckpt / name, map_location="cpu", weights_only=True)
+
+
+def resolve(run_dir: Path, resume: str | None) -> Path | None:
+    """--resume (latest in run_dir), --resume PATH, or None."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ValueError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        return ckpt
+    ckpt = Path(resume)
+    if not (ckpt / "meta.json").is_file() and latest_checkpoint(ckpt) is not None:
+        ckpt = latest_checkpoint(ckpt)  # a run directory was given
+    read_meta(ckpt)
+    return ckpt

@@ -1,0 +1,97 @@
+"""`hvdllm <command> ...`: the only place that parses argv or exits.
+
+Bad input (job files, overrides, paths, layouts) ends as one line on stderr and exit status 2.
+A failure during multi-rank training ends every rank (MPI abort), so none is left waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from hvdllm.config import ConfigError, dump_toml, load_job
+from hvdllm.log import logger, setup_logging, world_rank
+
+USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotImplementedError)
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="TOML job file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a job key (repeatable), typed by the schema")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hvdllm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved job (defaults and overrides applied)")
+    _job_args(p)
+    p = sub.add_parser("prepare", help="tokenize the job's corpus into train/val token files")
+    _job_args(p)
+    p = sub.add_parser("train", help="train on every rank (launch with mpirun/horovodrun/srun)")
+    _job_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="resume from the latest checkpoint of the run, or from PATH")
+    p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
+    p.add_argument("source", help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("out_dir", help="output folder for from_pretrained")
+    p = sub.add_parser("generate", help="sample text from an exported model")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "config":
+        print(dump_toml(load_job(args.job, args.overrides)), end="")
+    elif args.command == "prepare":
+        from hvdllm.data import prepare
+
+        prepare(load_job(args.job, args.overrides))
+    elif args.command == "train":
+        job = load_job(args.job, args.overrides)  # validated before any rank starts MPI
+        from hvdllm.train import train
+
+        train(job, args.resume)
+    elif args.command == "export":
+        from hvdllm.export import export
+
+        export(args.source, args.out_dir)
+    elif args.command == "generate":
+        from hvdllm.export import generate
+
+        print(generate(args.model_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        run(args)
+    except USAGE_ERRORS as e:
+        _fail(args, f"hvdllm {args.command}: error: {e}", code=2)
+    except KeyboardInterrupt:
+        _fail(args, f"hvdllm {args.command}: interrupted", code=130)
+    except Exception:
+        traceback.print_exc()
+        _fail(args, f"hvdllm {args.command}: failed on rank {world_rank()} (traceback above)", code=1)
+    return 0
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> None:
+    print(f"[rank {world_rank()}] {message}" if args.command == "train" else message,
+          file=sys.stderr, flush=True)
+    if args.command == "train":
+        from hvdllm.parallel.topology import abort_world
+
+        abort_world(code)  # the other ranks may be waiting in a collective: end them too
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""What the user sees: the console line, metrics.jsonl, TensorBoard scalars, and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from hvdllm.log import logger
+from hvdllm.precision import DTYPES
+
+
+def measure_peak_tflops(dtype: str, device: torch.device, size: int = 1024, reps: int = 8) -> float:
+    """Dense matmul rate of this rank for the dtype (TFLOP/s): the denominator of MFU."""
+    a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard under run_dir/tb; only the writing rank creates one."""
+
+    def __init__(self, run_dir: Path, job_toml: str, total_steps: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.total_steps = total_steps
+        self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.tb.add_text("job", "```toml\n" + job_toml + "\n```", 0)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        record = {"step": step, **{k: v for k, v in values.items() if v is not None}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}",
+                                   value, step)
+
+    def console(self, step: int, m: dict[str, float], elapsed_s: float, done_steps: int) -> None:
+        remaining = (self.total_steps - step) * elapsed_s / max(done_steps, 1)
+        line = (f"step {step:>6}/{self.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+                f"{m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}% | "
+                f"{m['step_ms']:.0f} ms/step | ETA {format_eta(remaining)}")
+        if m.get("loss_scale", 1.0) != 1.0:
+            line += f" | scale {m['loss_scale']:.0f}"
+        if "bubble" in m:
+            line += f" | bubble {100 * m['bubble']:.0f}% (theory {100 * m['bubble_theory']:.0f}%)"
+        logger.info(line)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()

@@ -1,0 +1,137 @@
+"""The rank grid: P pipeline stages x R data-parallel replicas over the world.
+
+Rank r sits at stage r % P of replica r // P, so a replica's stages are neighbouring ranks and a
+node holds whole pipelines where it can:
+
+    stage:        0   1   2   3        (P = 4, R = 2, world = 8)
+    replica 0:    0   1   2   3   <- pipeline communicator of replica 0
+    replica 1:    4   5   6   7
+                  ^
+                  stage communicator of stage 0 (ranks 0 and 4) = a Horovod process set
+
+Under MPI (mpirun, srun, horovodrun --mpi) the communicators come from mpi4py's Comm.Split and the
+Horovod process sets hold the same ranks, so each stage's gradients are all-reduced among that
+stage's replicas only. Under `horovodrun --gloo` there is no MPI: data parallelism works, pipelines
+(which need point-to-point messages) do not.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import horovod.torch as hvd
+import torch
+
+
+@dataclass
+class Topology:
+    rank: int
+    world: int
+    stages: int
+    replicas: int
+    stage: int
+    replica: int
+    local_rank: int
+    local_size: int
+    """Ranks on this node (to split its cores between them)."""
+    process_set: Any
+    """Horovod process set of this rank's stage: its gradient all-reduce group."""
+    stage_comm: Any = None
+    """mpi4py communicator of the R replicas of this rank's stage (None under Gloo)."""
+    pipe_comm: Any = None
+    """mpi4py communicator of the P stages of this rank's replica, ordered by stage."""
+    world_comm: Any = None
+    """mpi4py COMM_WORLD (None under Gloo)."""
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.stages - 1
+
+    def world_max(self, value: float) -> float:
+        """Maximum of a scalar over every rank (all stages and replicas)."""
+        return float(hvd.allreduce(torch.tensor([float(value)]), op=hvd.Max,
+                                   name="world_max", process_set=hvd.global_process_set)[0])
+
+    def replica_mean(self, value: float) -> float:
+        """Mean of a scalar over this stage's replicas."""
+        return float(hvd.allreduce(torch.tensor([float(value)], dtype=torch.float64), op=hvd.Average,
+                                   name="replica_mean", process_set=self.process_set)[0])
+
+    def describe(self) -> str:
+        rows = [" ".join(f"{r * self.stages + s:>3}" for s in range(self.stages))
+                for r in range(self.replicas)]
+        return (f"{self.world} rank(s) = {self.stages} stage(s) x {self.replicas} replica(s); "
+                f"rank = replica x {self.stages} + stage:\n" +
+                "\n".join(f"  replica {r}: ranks {row}" for r, row in enumerate(rows)))
+
+
+def grid_position(rank: int, stages: int) -> tuple[int, int]:
+    """(stage, replica) of a world rank."""
+    return rank % stages, rank // stages
+
+
+def stage_ranks(stage: int, stages: int, world: int) -> list[int]:
+    return list(range(stage, world, stages))
+
+
+def check_world(world: int, stages: int) -> None:
+    if world % stages:
+        raise ValueError(f"world size {world} is not a multiple of parallel.pipeline_stages "
+                         f"({stages}); launch a multiple of {stages} ranks")
+
+
+def launched_with_gloo() -> bool:
+    """horovodrun --gloo starts ranks without MPI and tells Horovod so through the environment."""
+    return os.environ.get("HOROVOD_CONTROLLER") == "gloo"
+
+
+def init_distributed(stages: int) -> Topology:
+    """Initialise Horovod (on top of mpi4py's MPI unless launched by Gloo) and build the grid."""
+    if launched_with_gloo():
+        if stages > 1:
+            raise ValueError("pipeline stages need MPI point-to-point messages: launch with mpirun, "
+                             "srun or horovodrun --mpi instead of horovodrun --gloo")
+        hvd.init()
+        return Topology(rank=hvd.rank(), world=hvd.size(), stages=1, replicas=hvd.size(), stage=0,
+                        replica=hvd.rank(), local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+                        process_set=hvd.global_process_set)
+
+    from mpi4py import MPI  # initialises MPI with MPI_THREAD_MULTIPLE, which Horovod needs
+
+    world_comm = MPI.COMM_WORLD
+    rank, world = world_comm.Get_rank(), world_comm.Get_size()
+    check_world(world, stages)
+    stage, replica = grid_position(rank, stages)
+    # Comm.Split: ranks with the same color share a communicator; key orders them inside it.
+    stage_comm = world_comm.Split(color=stage, key=replica)
+    pipe_comm = world_comm.Split(color=replica, key=stage)
+    # Horovod's process sets must be listed identically on every rank.
+    if stages == 1:
+        hvd.init(comm=world_comm)
+        process_set = hvd.global_process_set
+    else:
+        sets = [hvd.ProcessSet(stage_ranks(s, stages, world)) for s in range(stages)]
+        hvd.init(comm=world_comm, process_sets=sets)
+        process_set = sets[stage]
+    return Topology(rank=rank, world=world, stages=stages, replicas=world // stages, stage=stage,
+                    replica=replica, local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+                    process_set=process_set, stage_comm=stage_comm, pipe_comm=pipe_comm,
+                    world_comm=world_comm)
+
+
+def abort_world(code: int = 1) -> None:
+    """End every rank now (a failing rank must not leave the others waiting in a collective)."""
+    import sys
+
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(code)
+    os._exit(code)  # Gloo / single process: horovodrun ends the other ranks when one exits

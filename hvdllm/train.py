@@ -91,16 +91,16 @@ def setup(job: JobConfig, resume: str | None) -> Trainer:
     peak_lr = scaled_peak_lr(job.optim, topo.replicas)
     optimizer = build_optimizer(model, job.optim, peak_lr)
 
+    # Distributed step 1: gradients are averaged across replicas by the wrapped optimizer.
+    # Horovod builds a new optimizer from the param groups, so state is loaded after wrapping.
+    optimizer = distributed_optimizer(optimizer, model, job.parallel.compression, accumulation,
+                                      topo.process_set, topo.replicas)
     ckpt = checkpoint.resolve(job.run_dir, resume)
     start_step, saved = restore(ckpt, job, data, model, optimizer) if ckpt else (0, {})
-
-    # Distributed step 1: every rank starts from rank 0's weights (and, when resuming, optimizer
+    # Distributed step 2: every rank starts from rank 0's weights (and, when resuming, optimizer
     # state). A fresh optimizer has no state to send; Horovod would create it by taking a step
     # with zero gradients, which moves AdamW's weights (decay) and its step count, so we skip it.
     broadcast_state(model, optimizer, with_optimizer_state=ckpt is not None)
-    # Distributed step 2: gradients are averaged across replicas by the wrapped optimizer.
-    optimizer = distributed_optimizer(optimizer, model, job.parallel.compression, accumulation,
-                                      topo.process_set, topo.replicas)
     scaler = LossScaler(job.precision.dtype == "fp16", job.precision.initial_scale,
                         job.precision.growth_interval, world_max=topo.world_max)
     if saved:

@@ -79,9 +79,11 @@ def load_file(ckpt: Path, name: str) -> Any:
 
 
 def resolve(run_dir: Path, resume: str | None) -> Path | None:
-    """--resume (latest in run_dir), --resume PATH, or None."""
-    if resume is None:
+    """--resume (latest in run_dir), --resume auto (latest if any), --resume PATH, or None."""
+    if resume is None or (resume == "auto" and latest_checkpoint(run_dir) is None):
         return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
     if resume == "latest":
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:

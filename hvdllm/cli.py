@@ -12,6 +12,7 @@ import traceback
 
 from hvdllm.config import ConfigError, dump_toml, load_job
 from hvdllm.log import logger, setup_logging, world_rank
+from hvdllm.preemption import PREEMPTED_EXIT, Preempted
 
 USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotImplementedError)
 
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train on every rank (launch with mpirun/horovodrun/srun)")
     _job_args(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="resume from the latest checkpoint of the run, or from PATH")
+                   help="resume from the run's latest checkpoint, from PATH, or with 'auto' from "
+                        "the latest if there is one (else start fresh; for requeued jobs)")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
     p.add_argument("source", help="run directory (latest checkpoint) or checkpoint directory")
     p.add_argument("out_dir", help="output folder for from_pretrained")
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except USAGE_ERRORS as e:
         _fail(args, f"hvdllm {args.command}: error: {e}", code=2)
+    except Preempted as e:  # every rank gets here after the same step: a clean, agreed exit
+        logger.info("hvdllm train: %s", e)
+        sys.exit(PREEMPTED_EXIT)
     except KeyboardInterrupt:
         _fail(args, f"hvdllm {args.command}: interrupted", code=130)
     except Exception:

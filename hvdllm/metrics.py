@@ -40,12 +40,18 @@ def format_eta(seconds: float) -> str:
 class MetricsWriter:
     """metrics.jsonl + TensorBoard under run_dir/tb; only the writing rank creates one."""
 
-    def __init__(self, run_dir: Path, job_toml: str, total_steps: int) -> None:
+    def __init__(self, run_dir: Path, job_toml: str, total_steps: int, start_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.total_steps = total_steps
-        self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():  # resuming: drop rows of steps that will be trained again
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = path.open("a", buffering=1)
+        # TensorBoard drops events of steps older than a restart's first step (purge_step).
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.tb.add_text("job", "```toml\n" + job_toml + "\n```", 0)
 
     def log(self, step: int, values: dict[str, float]) -> None:

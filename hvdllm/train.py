@@ -30,6 +30,7 @@ from hvdllm.optim import (LRSchedule, build_optimizer, clip_gradients, global_gr
 from hvdllm.parallel.data_parallel import broadcast_state, distributed_optimizer
 from hvdllm.parallel.topology import Topology, init_distributed
 from hvdllm.precision import LossScaler, autocast
+from hvdllm.preemption import Preempted, StopRequest
 
 
 @dataclass
@@ -225,12 +226,13 @@ def due(done: int, every: int, total: int) -> bool:
 
 def train(job: JobConfig, resume: str | None = None) -> dict[str, float]:
     """Train on every rank; returns the last metrics (loss averaged over replicas, val loss)."""
+    stop = StopRequest()  # before setup: a signal during start-up is honoured after step one
     t = setup(job, resume)
     writer = None
     if t.topo.rank == 0:
         job.run_dir.mkdir(parents=True, exist_ok=True)
         (job.run_dir / "job.toml").write_text(dump_toml(job))
-        writer = MetricsWriter(job.run_dir, dump_toml(job), job.training.steps)
+        writer = MetricsWriter(job.run_dir, dump_toml(job), job.training.steps, t.start_step)
     tokens_per_step = job.training.global_batch_size * job.data.seq_len
     every = job.training
     last: dict[str, float] = {}
@@ -252,8 +254,14 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, float]:
                 writer.log(done, metrics)
                 if "loss" in metrics:
                     writer.console(done, last, time.perf_counter() - run_start, done - t.start_step)
-        if due(done, every.checkpoint_every, every.steps):
+        # Preemption: all ranks agree whether any was signalled, so they stop after the same step.
+        signalled = int(t.topo.world_max(stop.signum)) if done < every.steps else 0
+        if signalled or due(done, every.checkpoint_every, every.steps):
             save_checkpoint(t, done)
+        if signalled:
+            if writer:
+                writer.close()
+            raise Preempted(done, signalled)
     if writer:
         if "val_loss" in last:
             logger.info("done: val loss %.4f, val ppl %.2f", last["val_loss"], last["val_ppl"])

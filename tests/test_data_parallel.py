@@ -145,3 +145,36 @@ def test_a_failing_rank_ends_the_job(tiny_args):
     assert time.monotonic() - start < 60  # (start-up included; the abort itself is immediate)
     assert "injected failure on rank 1 at step 3" in p.stderr
     assert "[rank 1] hvdllm train: failed on rank 1" in p.stderr
+
+
+def test_stop_signal_checkpoints_and_resume_matches(tiny_args, tmp_path):
+    """SIGUSR1 to one rank: both stop after the same step, checkpoint, exit 75; --resume auto
+    then finishes with the uninterrupted run's losses."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    from conftest import env
+
+    steps = ("training.log_every=1", "training.steps=300")
+    mpirun(2, hvdllm("train", TINY, *tiny_args("full", *steps)), timeout=240)
+    args = tiny_args("pre", *steps)
+    proc = subprocess.Popen(["mpirun", "-np", "2", *map(str, hvdllm("train", TINY, *args, "--resume", "auto"))],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "pre" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "hvdllm" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    ranks[-1].send_signal(signal.SIGUSR1)  # one rank only
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "stopped by SIGUSR1 after step" in err
+    stopped = [p.name for p in (tmp_path / "pre" / "checkpoints").iterdir()]
+    assert len(stopped) == 1 and 3 <= int(stopped[0][5:]) < 300
+    mpirun(2, hvdllm("train", TINY, *args, "--resume", "auto"), timeout=240)
+    full, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "pre")
+    assert sorted(resumed) == list(range(1, 301)) and all(resumed[s] == full[s] for s in full)

@@ -1,13 +1,16 @@
 """Checkpoints: atomic save, keep-last-k, resume, loaded with weights_only=True.
 
 Layout of run_dir/checkpoints/step_00000100/:
-    model.pt      model state_dict (with pipelines: model_stage{S}.pt, one per stage)
-    train.pt      optimizer, loss scaler, step, RNG state
-    meta.json     step, layout (stages, replicas), tokenizer fingerprint, model config
+    model_stage{S}.pt  stage S's part of the model state_dict, under the full model's names
+    optim_stage{S}.pt  stage S's optimizer state, keyed by parameter name (not position)
+    train.pt           loss scaler and counters
+    meta.json          step, layout (stages, replicas), tokenizer fingerprint, model config
     job.toml      the resolved job that wrote it
     tokenizer/    the tokenizer, so a checkpoint exports on its own
 A checkpoint is written into step_XXXXXXXX.tmp and renamed when complete: a directory without
-the .tmp suffix is always whole.
+the .tmp suffix is always whole. Because names, not positions or stages, key everything, the
+shards of any layout merge into the full model, and a checkpoint resumes in any other layout.
+Random state needs no saving: dropout is reseeded from (seed, step, rank) every step.
 """
 
 from __future__ import annotations
@@ -94,3 +97,47 @@ def resolve(run_dir: Path, resume: str | None) -> Path | None:
         ckpt = latest_checkpoint(ckpt)  # a run directory was given
     read_meta(ckpt)
     return ckpt
+
+
+# Aliases for GPT-2's tied weight: one process names it after the embedding, a last pipeline
+# stage (which holds only the head) after the head.
+TIED_ALIASES = {"lm_head.weight": "transformer.wte.weight", "transformer.wte.weight": "lm_head.weight"}
+
+
+def merged_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """All stages' shards of a checkpoint merged into the full model's state dict."""
+    state: dict[str, torch.Tensor] = {}
+    shards = sorted(ckpt.glob("model_stage*.pt"))
+    if not shards:
+        raise ValueError(f"{ckpt} holds no model_stage*.pt files")
+    for shard in shards:
+        state.update(load_file(ckpt, shard.name))
+    return state
+
+
+def select_state(merged: dict[str, torch.Tensor], wanted: list[str]) -> dict[str, torch.Tensor]:
+    """The entries a (stage) module wants, by name, from a merged state dict."""
+    out = {}
+    for name in wanted:
+        key = name if name in merged else TIED_ALIASES.get(name, name)
+        if key not in merged:
+            raise ValueError(f"checkpoint has no tensor for {name!r}: was it written by another model?")
+        out[name] = merged[key]
+    return out
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer,
+                          named_params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, dict]:
+    """The optimizer's per-parameter state keyed by parameter name."""
+    return {name: dict(optimizer.state[p]) for name, p in named_params if p in optimizer.state}
+
+
+def load_named_optimizer_state(optimizer: torch.optim.Optimizer,
+                               named_params: list[tuple[str, torch.nn.Parameter]],
+                               merged: dict[str, dict]) -> None:
+    """Put saved per-parameter state back, matching parameters by name (any layout)."""
+    for name, p in named_params:
+        key = name if name in merged else TIED_ALIASES.get(name, name)
+        if key in merged:
+            optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v
+                                  for k, v in merged[key].items()}

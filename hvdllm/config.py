@@ -142,13 +142,48 @@ class ParallelConfig:
     pipeline_stages: int = 1
     """Pipeline stages P; the world size must be a multiple of P (replicas R = world / P)."""
     micro_batches: int = 0
-    """Pipeline micro-batches per step; 0 derives it from the batch sizes."""
+    """Pipeline micro-batches per replica per step (m). 0: global_batch_size / (micro_batch_size x
+    replicas). When set with pipeline_stages > 1, micro_batch_size is derived from it instead."""
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
     """Pipeline schedule."""
     stage_layers: list[int] = field(default_factory=list)
     """Decoder blocks per stage (sums to n_layer); empty balances automatically."""
     compression: Literal["none", "fp16"] = "none"
     """Gradient compression for the all-reduce: "fp16" halves the bytes sent."""
+    peer_timeout_s: float = 300.0
+    """Seconds a rank waits for another (a pipeline message, an all-reduce, a barrier) before it
+    ends the job with a message saying what it waited for."""
+
+
+@dataclass
+class SlurmConfig:
+    launcher: Literal["srun", "mpirun", "horovodrun"] = "srun"
+    """How `hvdllm slurm` starts the ranks: "srun" (--mpi=pmix), "mpirun" inside the allocation, or
+    "horovodrun" (Gloo) on hosts taken from the allocation; slurm/<launcher>.sbatch is the template."""
+    nodes: int = 1
+    """Nodes to allocate (world size = nodes x tasks_per_node)."""
+    tasks_per_node: int = 1
+    """Ranks per node: one per GPU, or per share of the cores on CPU-only nodes."""
+    gpus_per_node: int = 0
+    """GPUs to allocate per node (0: CPU-only nodes, no GPU request)."""
+    cpus_per_task: int = 0
+    """CPU cores per rank (torch threads); 0 leaves it to Slurm's default."""
+    time: str = "01:00:00"
+    """Time limit: minutes, HH:MM:SS or D-HH:MM:SS."""
+    partition: str = ""
+    """Partition to submit to; empty: the cluster's default."""
+    account: str = ""
+    """Account to charge; empty: your default account."""
+    signal_seconds: int = 120
+    """Seconds before the time limit at which Slurm warns the job (USR1): it checkpoints and requeues."""
+    sbatch: list[str] = field(default_factory=list)
+    """Extra sbatch options, one per entry, e.g. ["--mem=0", "--exclusive"]."""
+    modules: list[str] = field(default_factory=list)
+    """Environment modules to `module load` on the nodes before launching."""
+    env: list[str] = field(default_factory=list)
+    """NAME=value pairs exported to every rank, e.g. ["NCCL_DEBUG=WARN"]."""
+    hvdllm: str = ""
+    """The hvdllm command on the nodes; empty: this installation's (absolute path)."""
 
 
 @dataclass
@@ -160,6 +195,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -294,7 +330,8 @@ def validate(job: JobConfig) -> None:
         need(getattr(getattr(job, section), name) > 0, f"{section}.{name} must be > 0")
     for section, name in [("training", "eval_every"), ("training", "checkpoint_every"),
                           ("optim", "warmup_steps"), ("training", "threads"),
-                          ("parallel", "micro_batches"), ("training", "grad_clip")]:
+                          ("parallel", "micro_batches"), ("training", "grad_clip"),
+                          ("parallel", "peer_timeout_s")]:
         need(getattr(getattr(job, section), name) >= 0, f"{section}.{name} must be >= 0")
     need(job.training.keep_checkpoints >= 1, "training.keep_checkpoints must be >= 1")
     need(0 < job.data.val_fraction < 1, "data.val_fraction must be between 0 and 1")

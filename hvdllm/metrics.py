@@ -13,20 +13,32 @@ from hvdllm.log import logger
 from hvdllm.precision import DTYPES
 
 
-def measure_peak_tflops(dtype: str, device: torch.device, size: int = 1024, reps: int = 8) -> float:
-    """Dense matmul rate of this rank for the dtype (TFLOP/s): the denominator of MFU."""
-    a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
-    b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e12
+def measure_peak_tflops(dtype: str, device: torch.device, size: int = 1024,
+                        budget_s: float = 0.2) -> float:
+    """Dense matmul rate of this rank for the dtype (TFLOP/s): the denominator of MFU.
+
+    Repeats a size x size matmul for about budget_s; dtypes without a fast path on this device
+    (fp16 on most CPUs) are measured on a smaller matrix so start-up stays quick.
+    """
+    def timed(n: int, reps: int) -> float:
+        a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+        b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+        a @ b  # warm-up
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        return (time.perf_counter() - start) / reps
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    n = size if timed(256, 1) < budget_s / 50 else 256
+    once = timed(n, 1)
+    seconds = timed(n, max(1, min(50, int(budget_s / max(once, 1e-6)))))
+    return 2 * n ** 3 / seconds / 1e12
 
 
 def format_eta(seconds: float) -> str:

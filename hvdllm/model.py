@@ -81,6 +81,8 @@ def load_state_into_hf_model(ckpt: Path) -> PreTrainedModel:
     cfg = dict(meta["model_config"])
     hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    from hvdllm.checkpoint import merged_model_state, select_state
+
+    merged = merged_model_state(ckpt)  # the shards of every pipeline stage, by full names
+    model.load_state_dict(select_state(merged, list(model.state_dict())))
     return model.eval()

@@ -1,10 +1,13 @@
 """`hvdllm train`: the training loop, run on every rank.
 
-Read top to bottom: set up (Horovod, data, model, optimizer), then each step
-    forward/backward over the micro-batches  -> Horovod all-reduces gradients during backward
-    synchronize, unscale, agree on overflow  -> every rank takes the same decision
+Read top to bottom: set up (Horovod and the rank grid, data, model stage, optimizer), then each
+step
+    forward/backward over the micro-batches   -> Horovod all-reduces gradients during backward;
+                                                 pipeline stages pass activations by mpi4py
+    synchronize, tie, unscale, agree overflow -> every rank takes the same decision
     gradient norm, learning rate, clip, step
-then log, evaluate and checkpoint on their schedules.
+then log, evaluate and checkpoint on their schedules. One process, data parallel and pipeline
+layouts all run this same code; with one stage the pipeline is plain gradient accumulation.
 """
 
 from __future__ import annotations
@@ -13,21 +16,22 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import horovod.torch as hvd
 import torch
-import torch.nn.functional as F
 
 from hvdllm import checkpoint
-from hvdllm.config import JobConfig, accumulation_steps, dump_toml
+from hvdllm.config import ConfigError, JobConfig, accumulation_steps, dump_toml
 from hvdllm.data import PreparedData, TokenReader, load_prepared, prepare
 from hvdllm.log import logger, setup_logging
 from hvdllm.metrics import MetricsWriter, measure_peak_tflops
 from hvdllm.model import build_model, count_parameters, flops_per_token
 from hvdllm.optim import (LRSchedule, build_optimizer, clip_gradients, global_grad_norm,
                           scaled_peak_lr, set_lr)
-from hvdllm.parallel.data_parallel import broadcast_state, distributed_optimizer
+from hvdllm.parallel.data_parallel import barrier, broadcast_parameters, distributed_optimizer
+from hvdllm.parallel.pipeline import PipelineRunner, PointToPoint, StepResult, sync_tied_gradient
+from hvdllm.parallel.schedules import bubble_fraction
+from hvdllm.parallel.stages import Stage, partition_for
 from hvdllm.parallel.topology import Topology, init_distributed
 from hvdllm.precision import LossScaler, autocast
 from hvdllm.preemption import Preempted, StopRequest
@@ -41,17 +45,24 @@ class Trainer:
     device: torch.device
     data: PreparedData
     reader: TokenReader
-    model: torch.nn.Module
+    stage: Stage
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     scaler: LossScaler
-    accumulation: int
+    runner: PipelineRunner
+    micro_batches: int
+    """Micro-batches per replica per step (gradient accumulation, or the pipeline's m)."""
+    micro_batch_size: int
     start_step: int = 0
     flops_per_token: float = 0.0
     peak_tflops: float = 0.0
-    params: list = field(default_factory=list)
     skipped_steps: int = 0
     """Steps skipped because a gradient overflowed (fp16)."""
+    params: list = field(default_factory=list)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.stage.model
 
 
 def pick_device(topo: Topology, threads: int) -> torch.device:
@@ -71,98 +82,122 @@ def prepared_data(job: JobConfig, topo: Topology) -> PreparedData:
             prepare(job)
         except Exception as e:  # reported on every rank below, not left to hang the others
             error = str(e)
-    hvd.broadcast_object(error, root_rank=0, name="prepare_error")  # doubles as a barrier
+    error = hvd.broadcast_object(error, root_rank=0, name="prepare_error")  # also a barrier
     if error:
         raise ValueError(error)
     return load_prepared(job)
 
 
+def micro_batching(job: JobConfig, replicas: int) -> tuple[int, int]:
+    """(micro-batches per replica per step, sequences per micro-batch)."""
+    m = job.parallel.micro_batches
+    if job.parallel.pipeline_stages > 1 and m:
+        if job.training.global_batch_size % (m * replicas):
+            raise ConfigError(f"training.global_batch_size ({job.training.global_batch_size}) is not "
+                              f"divisible by parallel.micro_batches x replicas ({m} x {replicas})")
+        return m, job.training.global_batch_size // (m * replicas)
+    return accumulation_steps(job, replicas), job.training.micro_batch_size
+
+
+def build_stage(job: JobConfig, topo: Topology, vocab_size: int) -> tuple[Stage, float]:
+    """This rank's stage of the model (the whole model with one stage) and FLOPs per token."""
+    model = build_model(job.model, vocab_size, job.data.seq_len, job.run.seed)
+    fpt = flops_per_token(model, job.data.seq_len)
+    layers = partition_for(model, topo.stages, job.parallel.stage_layers or None)
+    if topo.rank == 0 and topo.stages > 1:
+        logger.info("stages: %s", ", ".join(f"{s}: blocks {r.start}-{r.stop - 1}"
+                                            for s, r in enumerate(layers)))
+    return Stage(model, layers[topo.stage], topo.is_first_stage, topo.is_last_stage), fpt
+
+
 def setup(job: JobConfig, resume: str | None) -> Trainer:
-    topo = init_distributed(job.parallel.pipeline_stages)
+    topo = init_distributed(job.parallel.pipeline_stages, job.parallel.peer_timeout_s)
     setup_logging(topo.rank)
-    if topo.stages > 1:
-        raise NotImplementedError("pipeline stages are not available yet in this version")
     device = pick_device(topo, job.training.threads)
     logger.info("%s", topo.describe())
     data = prepared_data(job, topo)
-    accumulation = accumulation_steps(job, topo.replicas)
+    m, mbs = micro_batching(job, topo.replicas)
     reader = TokenReader(data.tokens("train"), job.data.seq_len, job.training.global_batch_size,
                          job.run.seed)
-    model = build_model(job.model, data.meta["vocab_size"], job.data.seq_len, job.run.seed).to(device)
+    stage, fpt = build_stage(job, topo, data.meta["vocab_size"])
+    model = stage.model.to(device)
     peak_lr = scaled_peak_lr(job.optim, topo.replicas)
-    optimizer = build_optimizer(model, job.optim, peak_lr)
-
-    # Distributed step 1: gradients are averaged across replicas by the wrapped optimizer.
-    # Horovod builds a new optimizer from the param groups, so state is loaded after wrapping.
-    optimizer = distributed_optimizer(optimizer, model, job.parallel.compression, accumulation,
-                                      topo.process_set, topo.replicas)
+    # Distributed step 1: the stage's gradients are averaged across its replicas by the wrapped
+    # optimizer. Horovod builds a new optimizer from the param groups: load state after wrapping.
+    optimizer = distributed_optimizer(build_optimizer(model, job.optim, peak_lr), model,
+                                      job.parallel.compression, m, topo.process_set, topo.replicas)
     ckpt = checkpoint.resolve(job.run_dir, resume)
-    start_step, saved = restore(ckpt, job, data, model, optimizer) if ckpt else (0, {})
-    # Distributed step 2: every rank starts from rank 0's weights (and, when resuming, optimizer
-    # state). A fresh optimizer has no state to send; Horovod would create it by taking a step
-    # with zero gradients, which moves AdamW's weights (decay) and its step count, so we skip it.
-    broadcast_state(model, optimizer, with_optimizer_state=ckpt is not None)
+    start_step, saved = restore(ckpt, data, model, optimizer) if ckpt else (0, {})
+    # Distributed step 2: every replica starts from its stage's first replica's weights. Every
+    # rank read the same checkpoint, so optimizer state needs no broadcast; a fresh optimizer has
+    # none (Horovod's broadcast_optimizer_state would create it with a zero-gradient step, which
+    # moves AdamW's weights and step count).
+    broadcast_parameters(model, root_rank=topo.stage, process_set=topo.process_set)
     scaler = LossScaler(job.precision.dtype == "fp16", job.precision.initial_scale,
                         job.precision.growth_interval, world_max=topo.world_max)
     if saved:
         scaler.load_state_dict(saved["scaler"])
+    p2p = PointToPoint(topo.pipe_comm, topo.stage, topo.watchdog) if topo.stages > 1 else None
+    runner = PipelineRunner(stage, topo.stage, topo.stages, job.parallel.schedule, m, p2p, device,
+                            lambda: autocast(job.precision.dtype, device), scaler.scale_loss)
     peak = job.precision.peak_tflops or measure_peak_tflops(job.precision.dtype, device)
-    logger.info("model: %s %.2fM parameters | accumulation %d x micro-batch %d x %d replica(s) = "
-                "global batch %d | MFU peak %.2f TFLOP/s per rank (%s)", job.model.family,
-                count_parameters(model) / 1e6, accumulation, job.training.micro_batch_size,
-                topo.replicas, job.training.global_batch_size, peak,
+    logger.info("model: %s %.2fM parameters on this stage | %d micro-batch(es) x %d sequences x "
+                "%d replica(s) = global batch %d | MFU peak %.2f TFLOP/s per rank (%s)",
+                job.model.family, count_parameters(model) / 1e6, m, mbs, topo.replicas,
+                job.training.global_batch_size, peak,
                 "from the job" if job.precision.peak_tflops else f"measured {job.precision.dtype} matmul")
-    return Trainer(job=job, topo=topo, device=device, data=data, reader=reader, model=model,
+    return Trainer(job=job, topo=topo, device=device, data=data, reader=reader, stage=stage,
                    optimizer=optimizer, schedule=LRSchedule(job.optim, peak_lr, job.training.steps),
-                   scaler=scaler, accumulation=accumulation, start_step=start_step,
-                   flops_per_token=flops_per_token(model, job.data.seq_len), peak_tflops=peak,
-                   params=[p for p in model.parameters() if p.requires_grad],
-                   skipped_steps=int(saved.get("skipped_steps", 0)))
+                   scaler=scaler, runner=runner, micro_batches=m, micro_batch_size=mbs,
+                   start_step=start_step, flops_per_token=fpt, peak_tflops=peak,
+                   skipped_steps=int(saved.get("skipped_steps", 0)),
+                   params=[p for p in model.parameters() if p.requires_grad])
 
 
-def restore(ckpt: Path, job: JobConfig, data: PreparedData, model: torch.nn.Module,
+def restore(ckpt, data: PreparedData, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Load a checkpoint written by this layout; returns (next step, the rest of its state)."""
+    """Load a checkpoint of any layout into this stage; returns (next step, counters)."""
     meta = checkpoint.read_meta(ckpt)
     if meta["tokenizer_fingerprint"] != data.meta["tokenizer_fingerprint"]:
         raise ValueError(f"{ckpt} was trained with a different tokenizer than {data.dir}")
-    model.load_state_dict(checkpoint.load_file(ckpt, "model.pt"))
-    state = checkpoint.load_file(ckpt, "train.pt")
-    optimizer.load_state_dict(state["optimizer"])
-    logger.info("resumed from %s (step %d)", ckpt, meta["step"])
-    return int(meta["step"]), state
+    merged = checkpoint.merged_model_state(ckpt)
+    model.load_state_dict(checkpoint.select_state(merged, list(model.state_dict())))
+    optim_state: dict = {}
+    for shard in sorted(ckpt.glob("optim_stage*.pt")):
+        optim_state.update(checkpoint.load_file(ckpt, shard.name))
+    checkpoint.load_named_optimizer_state(optimizer, list(model.named_parameters()), optim_state)
+    logger.info("resumed from %s (step %d, written by %d stage(s) x %d replica(s))", ckpt,
+                meta["step"], meta["stages"], meta["replicas"])
+    return int(meta["step"]), checkpoint.load_file(ckpt, "train.pt")
 
 
-def loss_fn(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-def forward_backward(t: Trainer, step: int) -> torch.Tensor:
-    """Forward and backward over this replica's micro-batches; returns the mean loss (detached)."""
-    job, topo = t.job, t.topo
+def forward_backward(t: Trainer, step: int) -> StepResult:
+    """Run the schedule over this replica's micro-batches (forward, backward, messages)."""
+    topo = t.topo
     t.model.train()
-    torch.manual_seed(job.run.seed * 100_003 + step * 1009 + topo.rank)  # dropout: exact on resume
-    loss_sum = torch.zeros((), device=t.device)
-    for micro in range(t.accumulation):
-        inputs, targets = t.reader.micro_batch(step, topo.replica, micro,
-                                               job.training.micro_batch_size, topo.replicas)
-        with autocast(job.precision.dtype, t.device):
-            loss = loss_fn(t.model, inputs.to(t.device), targets.to(t.device))
-        # Horovod's hooks fire during the last micro-batch's backward: each gradient's ring
-        # all-reduce starts as soon as that gradient is ready, overlapping the rest of backward.
-        t.scaler.scale_loss(loss / t.accumulation).backward()
-        loss_sum += loss.detach()
-    return loss_sum / t.accumulation
+    torch.manual_seed(t.job.run.seed * 100_003 + step * 1009 + topo.rank)  # dropout: exact on resume
+
+    def batch(micro: int):
+        return t.reader.micro_batch(step, topo.replica, micro, t.micro_batch_size, topo.replicas)
+
+    # Horovod's hooks fire during each gradient's last backward pass: its ring all-reduce starts
+    # as soon as it is ready, overlapping the rest of backward.
+    return t.runner.train_step(batch, step)
 
 
 def apply_gradients(t: Trainer, step: int) -> dict[str, float]:
     """Wait for the all-reduce, unscale, agree on overflow, pick the rate, clip and step."""
-    # Distributed step 3: wait until every gradient is averaged over the replicas.
-    t.optimizer.synchronize()
-    # Distributed step 4: unscale and agree across the world whether any gradient overflowed.
+    # Distributed step 3: wait until every gradient is averaged over the stage's replicas.
+    with t.topo.waiting("the gradient all-reduce"):
+        t.optimizer.synchronize()
+    # Distributed step 4: the tied embedding/head copies of first and last stage sum gradients.
+    with t.topo.waiting("the tied-embedding gradient of the other end stage"):
+        sync_tied_gradient(t.stage, t.topo.embed_comm)
+    # Distributed step 5: unscale and agree across the world whether any gradient overflowed.
     overflow = t.scaler.unscale_and_check(t.params)
-    grad_norm = global_grad_norm(t.params)  # replicas hold identical, averaged gradients
+    # Distributed step 6: global norm = squares summed over stages (tied copy counted once).
+    tied = t.stage.tied_weight if t.stage.last else None
+    grad_norm = global_grad_norm([p for p in t.params if p is not tied], t.topo.sum_over_stages)
     lr = t.schedule(step, grad_norm)
     set_lr(t.optimizer, lr)
     if overflow:
@@ -179,8 +214,12 @@ def apply_gradients(t: Trainer, step: int) -> dict[str, float]:
 
 def train_step(t: Trainer, step: int) -> dict[str, float]:
     """One optimizer step over the global batch; returns this rank's metrics."""
-    loss = forward_backward(t, step)
-    return {"loss": loss, **apply_gradients(t, step)}
+    start = time.perf_counter()
+    t.topo.watchdog.step = step
+    result = forward_backward(t, step)
+    stats = apply_gradients(t, step)
+    return {"loss": result.loss, "wait_s": result.wait_s, "step_s": time.perf_counter() - start,
+            "peak_live": result.peak_live, **stats}
 
 
 @torch.no_grad()
@@ -189,39 +228,66 @@ def evaluate(t: Trainer) -> dict[str, float]:
     val = TokenReader(t.data.tokens("val"), t.job.data.seq_len, t.job.training.global_batch_size,
                       t.job.run.seed)
     t.model.eval()
-    total, count = 0.0, 0
-    for inputs, targets in val.eval_batches(t.job.training.eval_batches, t.topo.replica,
-                                             t.topo.replicas, t.job.training.micro_batch_size):
-        with autocast(t.job.precision.dtype, t.device):
-            total += float(loss_fn(t.model, inputs.to(t.device), targets.to(t.device))) * len(inputs)
-        count += len(inputs)
-    # Distributed: sum of losses and of windows over replicas -> the mean over all windows.
-    sums = hvd.allreduce(torch.tensor([total, float(count)], dtype=torch.float64), op=hvd.Sum,
-                         name="eval", process_set=t.topo.process_set)
+    batches = val.eval_batches(t.job.training.eval_batches, t.topo.replica, t.topo.replicas,
+                               t.micro_batch_size)
+    total, count = t.runner.evaluate(batches)
+    total, count = t.topo.from_last_stage(total), t.topo.from_last_stage(count)
+    # Distributed: sums of losses and windows over the replicas -> the mean over all windows.
+    with t.topo.waiting("the other replicas' evaluation"):
+        sums = hvd.allreduce(torch.tensor([total, count], dtype=torch.float64), op=hvd.Sum,
+                             name="eval", process_set=t.topo.process_set)
     loss = float(sums[0] / sums[1])
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
 def save_checkpoint(t: Trainer, step: int) -> None:
-    """Rank 0 writes; the others wait so nobody races ahead of a checkpoint being written."""
-    if t.topo.rank == 0:
-        tmp = checkpoint.begin(t.job.run_dir, step)
-        checkpoint.write_file(tmp, "model.pt", t.model.state_dict())
-        checkpoint.write_file(tmp, "train.pt", {"optimizer": t.optimizer.state_dict(),
-                                                 "scaler": t.scaler.state_dict(),
+    """Each stage's first replica writes its shard; rank 0 writes the rest and commits."""
+    topo, run_dir = t.topo, t.job.run_dir
+    tmp = checkpoint.begin(run_dir, step) if topo.rank == 0 else None
+    with topo.waiting("the checkpoint barrier"):
+        barrier()
+    if topo.replica == 0:
+        tmp = checkpoint.checkpoint_dir(run_dir, step).with_suffix(".tmp")
+        checkpoint.write_file(tmp, f"model_stage{topo.stage}.pt", t.model.state_dict())
+        checkpoint.write_file(tmp, f"optim_stage{topo.stage}.pt", checkpoint.named_optimizer_state(
+            t.optimizer, list(t.model.named_parameters())))
+    with topo.waiting("the other stages' checkpoint shards"):
+        barrier()
+    if topo.rank == 0:
+        checkpoint.write_file(tmp, "train.pt", {"scaler": t.scaler.state_dict(),
                                                  "skipped_steps": t.skipped_steps})
-        meta = {"step": step, "stages": t.topo.stages, "replicas": t.topo.replicas,
+        meta = {"step": step, "stages": topo.stages, "replicas": topo.replicas,
                 "tokenizer_fingerprint": t.data.meta["tokenizer_fingerprint"],
                 "model_config": t.model.config.to_dict()}
         path = checkpoint.commit(tmp, meta, dump_toml(t.job), t.data.tokenizer_dir,
                                  t.job.training.keep_checkpoints)
         logger.info("checkpoint %s", path)
-    hvd.broadcast_object(step, root_rank=0, name="checkpoint_barrier")
+    with topo.waiting("rank 0 to finish the checkpoint"):
+        barrier()
 
 
 def due(done: int, every: int, total: int) -> bool:
     """Periodic work runs every `every` steps (if > 0) and always after the last step."""
     return done == total or (every > 0 and done % every == 0)
+
+
+def log_metrics(t: Trainer, window: list[dict], tokens_per_step: int) -> dict:
+    """Loss from the last stage averaged over replicas; throughput, MFU and bubble of the window."""
+    topo, last = t.topo, window[-1]
+    loss = topo.replica_mean(topo.from_last_stage(float(last["loss"])))
+    step_s = sum(w["step_s"] for w in window) / len(window)
+    tokens_per_s = tokens_per_step / step_s
+    out = {"loss": loss, "lr": last["lr"], "grad_norm": last["grad_norm"],
+           "loss_scale": last["loss_scale"], "skipped_steps": last["skipped_steps"],
+           "tokens_per_s": tokens_per_s,
+           "mfu": t.flops_per_token * tokens_per_s / (t.peak_tflops * 1e12 * topo.world),
+           "step_ms": 1000 * step_s}
+    if topo.stages > 1:  # share of the step each stage spent waiting, averaged over all ranks
+        waited = sum(w["wait_s"] for w in window) / sum(w["step_s"] for w in window)
+        out["bubble"] = topo.replica_mean(topo.sum_over_stages(waited) / topo.stages)
+        out["bubble_theory"] = bubble_fraction(topo.stages, t.micro_batches)
+        out["peak_live_activations"] = float(max(w["peak_live"] for w in window))
+    return out
 
 
 def train(job: JobConfig, resume: str | None = None) -> dict[str, float]:
@@ -236,16 +302,14 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, float]:
     tokens_per_step = job.training.global_batch_size * job.data.seq_len
     every = job.training
     last: dict[str, float] = {}
-    window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
-    for step in range(t.start_step, job.training.steps):
-        stats = train_step(t, step)
-        window_steps += 1
+    window: list[dict] = []
+    run_start = time.perf_counter()
+    for step in range(t.start_step, every.steps):
+        window.append(train_step(t, step))
         done = step + 1  # steps completed: logs and checkpoints are numbered by it
         metrics: dict[str, float] = {}
         if due(done, every.log_every, every.steps):
-            metrics = log_metrics(t, stats, time.perf_counter() - window_start, window_steps,
-                                  tokens_per_step)
-            window_start, window_steps = time.perf_counter(), 0
+            metrics, window = log_metrics(t, window, tokens_per_step), []
         if due(done, every.eval_every, every.steps):
             metrics.update(evaluate(t))
         if metrics:
@@ -267,14 +331,3 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, float]:
             logger.info("done: val loss %.4f, val ppl %.2f", last["val_loss"], last["val_ppl"])
         writer.close()
     return last
-
-
-def log_metrics(t: Trainer, stats: dict, elapsed: float, steps: int, tokens_per_step: int) -> dict:
-    """Average the loss over replicas and turn step time into throughput and MFU."""
-    loss = t.topo.replica_mean(float(stats["loss"]))
-    tokens_per_s = tokens_per_step * steps / elapsed
-    mfu = t.flops_per_token * tokens_per_s / (t.peak_tflops * 1e12 * t.topo.world)
-    return {"loss": loss, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-            "loss_scale": stats["loss_scale"], "skipped_steps": stats["skipped_steps"],
-            "tokens_per_s": tokens_per_s, "mfu": mfu,
-            "step_ms": 1000 * elapsed / steps}

@@ -17,12 +17,17 @@ stage's replicas only. Under `horovodrun --gloo` there is no MPI: data paralleli
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import horovod.torch as hvd
 import torch
+
+from hvdllm.parallel.watchdog import Watchdog
+
+from hvdllm.launch.checks import check_launch
 
 
 @dataclass
@@ -44,6 +49,14 @@ class Topology:
     """mpi4py communicator of the P stages of this rank's replica, ordered by stage."""
     world_comm: Any = None
     """mpi4py COMM_WORLD (None under Gloo)."""
+    embed_comm: Any = None
+    """mpi4py communicator of this replica's first and last stage (for tied embeddings; P > 1)."""
+    watchdog: Watchdog | None = None
+    """Ends the job when a wait on other ranks exceeds the peer timeout."""
+
+    def waiting(self, what: str) -> contextlib.AbstractContextManager:
+        """Guard a blocking wait on other ranks with the watchdog."""
+        return self.watchdog.guard(what) if self.watchdog else contextlib.nullcontext()
 
     @property
     def is_first_stage(self) -> bool:
@@ -55,17 +68,36 @@ class Topology:
 
     def world_max(self, value: float) -> float:
         """Maximum of a scalar over every rank (all stages and replicas)."""
-        if self.world_comm is not None:  # mpi4py: a few microseconds on one node
-            from mpi4py import MPI
+        with self.waiting("the other ranks (world maximum)"):
+            if self.world_comm is not None:  # mpi4py: a few microseconds on one node
+                from mpi4py import MPI
 
-            return float(self.world_comm.allreduce(float(value), op=MPI.MAX))
-        return float(hvd.allreduce(torch.tensor([float(value)]), op=hvd.Max,
-                                   name="world_max", process_set=hvd.global_process_set)[0])
+                return float(self.world_comm.allreduce(float(value), op=MPI.MAX))
+            return float(hvd.allreduce(torch.tensor([float(value)]), op=hvd.Max,
+                                       name="world_max", process_set=hvd.global_process_set)[0])
+
+    def sum_over_stages(self, value: float) -> float:
+        """Sum of a scalar over the stages of this rank's replica (identity with one stage)."""
+        if self.stages == 1:
+            return float(value)
+        from mpi4py import MPI
+
+        with self.waiting("the other stages (sum)"):
+            return float(self.pipe_comm.allreduce(float(value), op=MPI.SUM))
+
+    def from_last_stage(self, value: float) -> float:
+        """The last stage's value of a scalar, on every stage of the replica."""
+        if self.stages == 1:
+            return float(value)
+        with self.waiting("the last stage (broadcast)"):
+            return float(self.pipe_comm.bcast(float(value), root=self.stages - 1))
 
     def replica_mean(self, value: float) -> float:
         """Mean of a scalar over this stage's replicas."""
-        return float(hvd.allreduce(torch.tensor([float(value)], dtype=torch.float64), op=hvd.Average,
-                                   name="replica_mean", process_set=self.process_set)[0])
+        with self.waiting("the other replicas (mean)"):
+            return float(hvd.allreduce(torch.tensor([float(value)], dtype=torch.float64),
+                                       op=hvd.Average, name="replica_mean",
+                                       process_set=self.process_set)[0])
 
     def describe(self) -> str:
         rows = [" ".join(f"{r * self.stages + s:>3}" for s in range(self.stages))
@@ -95,8 +127,9 @@ def launched_with_gloo() -> bool:
     return os.environ.get("HOROVOD_CONTROLLER") == "gloo"
 
 
-def init_distributed(stages: int) -> Topology:
+def init_distributed(stages: int, peer_timeout_s: float = 300.0) -> Topology:
     """Initialise Horovod (on top of mpi4py's MPI unless launched by Gloo) and build the grid."""
+    check_launch(os.environ, mpi_built=hvd.mpi_built(), gloo_built=hvd.gloo_built())
     if launched_with_gloo():
         if stages > 1:
             raise ValueError("pipeline stages need MPI point-to-point messages: launch with mpirun, "
@@ -104,7 +137,8 @@ def init_distributed(stages: int) -> Topology:
         hvd.init()
         return Topology(rank=hvd.rank(), world=hvd.size(), stages=1, replicas=hvd.size(), stage=0,
                         replica=hvd.rank(), local_rank=hvd.local_rank(), local_size=hvd.local_size(),
-                        process_set=hvd.global_process_set)
+                        process_set=hvd.global_process_set,
+                        watchdog=_watchdog(hvd.rank(), 0, hvd.rank(), peer_timeout_s))
 
     from mpi4py import MPI  # initialises MPI with MPI_THREAD_MULTIPLE, which Horovod needs
 
@@ -115,6 +149,8 @@ def init_distributed(stages: int) -> Topology:
     # Comm.Split: ranks with the same color share a communicator; key orders them inside it.
     stage_comm = world_comm.Split(color=stage, key=replica)
     pipe_comm = world_comm.Split(color=replica, key=stage)
+    ends = stages > 1 and stage in (0, stages - 1)
+    embed_comm = world_comm.Split(color=replica if ends else MPI.UNDEFINED, key=stage)
     # Horovod's process sets must be listed identically on every rank.
     if stages == 1:
         hvd.init(comm=world_comm)
@@ -126,7 +162,13 @@ def init_distributed(stages: int) -> Topology:
     return Topology(rank=rank, world=world, stages=stages, replicas=world // stages, stage=stage,
                     replica=replica, local_rank=hvd.local_rank(), local_size=hvd.local_size(),
                     process_set=process_set, stage_comm=stage_comm, pipe_comm=pipe_comm,
-                    world_comm=world_comm)
+                    world_comm=world_comm,
+                    embed_comm=embed_comm if embed_comm != MPI.COMM_NULL else None,
+                    watchdog=_watchdog(rank, stage, replica, peer_timeout_s))
+
+
+def _watchdog(rank: int, stage: int, replica: int, timeout_s: float) -> Watchdog:
+    return Watchdog(timeout_s, f"stage {stage} of replica {replica} (rank {rank})", abort_world)
 
 
 def abort_world(code: int = 1) -> None:

@@ -1,0 +1,185 @@
+"""Running a schedule on one stage: micro-batch forwards/backwards and the messages between stages.
+
+Activations travel forward and their gradients backward between neighbouring stages of a
+replica over the pipeline communicator (mpi4py point-to-point). Each message is a small header
+(dtype and shape) and the tensor's raw bytes, so every dtype - bf16 included - arrives bit-exact.
+Sends are non-blocking (Isend, completed at the end of the step); receives block, under the
+watchdog (parallel/watchdog.py), which ends the job with a message naming the stage, replica and
+step if a neighbour stops answering.
+
+With one stage (P = 1) nothing is sent and the 1F1B schedule is plain gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hvdllm.parallel.schedules import SCHEDULES
+from hvdllm.parallel.stages import Stage
+from hvdllm.parallel.watchdog import Watchdog
+
+ACT_TAG, GRAD_TAG = 11, 22
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class PointToPoint:
+    """Dtype-exact tensor messages to the previous/next stage on the pipeline communicator."""
+
+    def __init__(self, comm, stage: int, watchdog: Watchdog) -> None:
+        self.comm, self.stage, self.watchdog = comm, stage, watchdog
+        self.pending: list = []  # (request, buffers) of sends in flight
+        self.wait_s = 0.0  # time spent blocked in receives (the measured bubble)
+
+    def send(self, tensor: torch.Tensor, dest_stage: int, tag: int) -> None:
+        t = tensor.detach().contiguous().cpu()
+        header = np.array([_DTYPES.index(t.dtype), t.dim(), *t.shape], dtype=np.int64)
+        payload = t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+        from mpi4py import MPI
+
+        reqs = [self.comm.Isend([header, MPI.INT64_T], dest=dest_stage, tag=tag),
+                self.comm.Isend([payload, MPI.BYTE], dest=dest_stage, tag=tag + 1)]
+        self.pending.append((reqs, (header, payload, t)))
+
+    def recv(self, src_stage: int, tag: int, what: str, device: torch.device) -> torch.Tensor:
+        from mpi4py import MPI
+
+        start = time.perf_counter()
+        with self.watchdog.guard(f"{what} from stage {src_stage}"):
+            header = np.zeros(8, dtype=np.int64)
+            self.comm.Recv([header, MPI.INT64_T], source=src_stage, tag=tag)
+            dtype, shape = _DTYPES[header[0]], [int(d) for d in header[2:2 + header[1]]]
+            out = torch.empty(shape, dtype=dtype)
+            self.comm.Recv([out.view(torch.uint8).numpy(), MPI.BYTE], source=src_stage, tag=tag + 1)
+        self.wait_s += time.perf_counter() - start
+        return out.to(device)
+
+    def finish_sends(self) -> None:
+        from mpi4py import MPI
+
+        for reqs, _buffers in self.pending:
+            MPI.Request.Waitall(reqs)
+        self.pending.clear()
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    """Mean loss over the micro-batches (last stage; zero elsewhere)."""
+    wait_s: float
+    """Seconds this stage spent waiting for its neighbours."""
+    peak_live: int
+    """Most micro-batches whose activations were held at once."""
+    extras: dict = field(default_factory=dict)
+
+
+class PipelineRunner:
+    """Executes one stage's schedule for a training step, or forwards only for evaluation."""
+
+    def __init__(self, stage: Stage, stage_index: int, stages: int, schedule: str,
+                 micro_batches: int, p2p: PointToPoint | None, device: torch.device,
+                 autocast: Callable[[], contextlib.AbstractContextManager],
+                 scale_loss: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.stage, self.s, self.P = stage, stage_index, stages
+        self.actions = SCHEDULES[schedule](stages, stage_index, micro_batches)
+        self.m, self.p2p, self.device = micro_batches, p2p, device
+        self.autocast, self.scale_loss = autocast, scale_loss
+
+    def _input(self, i: int, get_batch: Callable[[int], Batch], step: int) -> torch.Tensor:
+        if self.stage.first:
+            return get_batch(i)[0].to(self.device)
+        x = self.p2p.recv(self.s - 1, ACT_TAG, f"activations of micro-batch {i}",
+                          self.device)
+        return x.requires_grad_()
+
+    def _forward(self, i: int, get_batch: Callable[[int], Batch], step: int):
+        x = self._input(i, get_batch, step)
+        with self.autocast():
+            out = self.stage.forward(x)
+            if self.stage.last:
+                targets = get_batch(i)[1].to(self.device)
+                out = F.cross_entropy(out.float().flatten(0, 1), targets.flatten())
+        if not self.stage.last:
+            self.p2p.send(out, self.s + 1, ACT_TAG)
+        return x, out
+
+    def _backward(self, i: int, x: torch.Tensor, out: torch.Tensor, step: int) -> None:
+        if self.stage.last:
+            self.scale_loss(out / self.m).backward()
+        else:
+            grad = self.p2p.recv(self.s + 1, GRAD_TAG, f"gradients of micro-batch {i}",
+                                 self.device)
+            out.backward(grad.to(out.dtype))
+        if not self.stage.first:
+            self.p2p.send(x.grad, self.s - 1, GRAD_TAG)
+
+    def train_step(self, get_batch: Callable[[int], Batch], step: int) -> StepResult:
+        """Run the schedule: forwards and backwards in order, messages implied by the stage."""
+        live: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        loss_sum, peak = torch.zeros((), device=self.device), 0
+        if self.p2p:
+            self.p2p.wait_s = 0.0
+        for kind, i in self.actions:
+            if kind == "F":
+                live[i] = self._forward(i, get_batch, step)
+                peak = max(peak, len(live))
+                if self.stage.last:
+                    loss_sum += live[i][1].detach()
+            else:
+                self._backward(i, *live.pop(i), step)
+        if self.p2p:
+            self.p2p.finish_sends()
+        return StepResult(loss=loss_sum / self.m, wait_s=self.p2p.wait_s if self.p2p else 0.0,
+                          peak_live=peak)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> tuple[float, int]:
+        """Forward the batches through the pipeline; (sum of losses x windows, windows) on the
+        last stage, (0, 0) elsewhere."""
+        total, count = 0.0, 0
+        for i, (inputs, targets) in enumerate(batches):
+            x = inputs.to(self.device) if self.stage.first else \
+                self.p2p.recv(self.s - 1, ACT_TAG, f"evaluation activations {i}", self.device)
+            with self.autocast():
+                out = self.stage.forward(x)
+                if self.stage.last:
+                    loss = F.cross_entropy(out.float().flatten(0, 1), targets.to(self.device).flatten())
+                    total, count = total + float(loss) * len(inputs), count + len(inputs)
+            if not self.stage.last:
+                self.p2p.send(out, self.s + 1, ACT_TAG)
+        if self.p2p:
+            self.p2p.finish_sends()
+        return total, count
+
+
+def sync_tied_gradient(stage: Stage, embed_comm) -> None:
+    """Sum the tied embedding/head gradient between the first and last stage of a replica.
+
+    In one process that weight's gradient is the sum of what the embedding lookup and the output
+    head contribute; split over stages each copy sees one part. After the sum both copies hold
+    the full gradient, take identical optimizer steps, and stay identical.
+    """
+    weight = stage.tied_weight
+    if weight is None or embed_comm is None:
+        return
+    from mpi4py import MPI
+
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    grad = weight.grad.detach().cpu().contiguous()
+    embed_comm.Allreduce(MPI.IN_PLACE, [grad.view(torch.uint8).numpy(), _mpi_float(grad.dtype)],
+                         op=MPI.SUM)
+    weight.grad.copy_(grad)
+
+
+def _mpi_float(dtype: torch.dtype):
+    from mpi4py import MPI
+
+    return {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}[dtype]

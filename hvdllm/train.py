@@ -12,11 +12,13 @@ layouts all run this same code; with one stage the pipeline is plain gradient ac
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 
+import horovod
 import horovod.torch as hvd
 import torch
 
@@ -266,6 +268,22 @@ def save_checkpoint(t: Trainer, step: int) -> None:
         barrier()
 
 
+def write_run_info(t: Trainer) -> None:
+    """run_dir/run_info.json: the numbers behind the metrics (for `hvdllm bench` and readers)."""
+    topo = t.topo
+    # Bytes each rank hands to the all-reduce per step, counted from what the compressor emits.
+    compressed = t.optimizer._compression.compress(torch.zeros(1))[0]
+    payload = sum(p.numel() for p in t.params) * compressed.element_size() if topo.replicas > 1 else 0
+    info = {"world": topo.world, "stages": topo.stages, "replicas": topo.replicas,
+            "micro_batches": t.micro_batches, "micro_batch_size": t.micro_batch_size,
+            "flops_per_token": t.flops_per_token, "peak_tflops_per_rank": t.peak_tflops,
+            "parameters_on_rank0": count_parameters(t.model), "threads": torch.get_num_threads(),
+            "allreduce_payload_bytes_rank0": payload,
+            "allreduce_dtype": str(compressed.dtype).replace("torch.", ""),
+            "device": str(t.device), "torch": torch.__version__, "horovod": horovod.__version__}
+    (t.job.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
 def due(done: int, every: int, total: int) -> bool:
     """Periodic work runs every `every` steps (if > 0) and always after the last step."""
     return done == total or (every > 0 and done % every == 0)
@@ -299,6 +317,7 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, float]:
         job.run_dir.mkdir(parents=True, exist_ok=True)
         (job.run_dir / "job.toml").write_text(dump_toml(job))
         writer = MetricsWriter(job.run_dir, dump_toml(job), job.training.steps, t.start_step)
+        write_run_info(t)
     tokens_per_step = job.training.global_batch_size * job.data.seq_len
     every = job.training
     last: dict[str, float] = {}
@@ -313,6 +332,7 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, float]:
         if due(done, every.eval_every, every.steps):
             metrics.update(evaluate(t))
         if metrics:
+            metrics["elapsed_s"] = time.perf_counter() - run_start
             last.update(metrics)
             if writer:
                 writer.log(done, metrics)

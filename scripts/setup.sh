@@ -37,7 +37,7 @@ make_venv() {
     # against this exact version. Everything the Horovod build imports is installed first.
     pip_ install -q --upgrade pip wheel setuptools
     pip_ install -q "torch==$TORCH_VERSION" numpy mpi4py cloudpickle psutil pyyaml \
-        packaging cffi "transformers>=4.40" tokenizers tensorboard pytest
+        packaging cffi "transformers>=4.40" tokenizers tensorboard matplotlib pytest
 }
 
 horovod_ok() {

@@ -1,0 +1,85 @@
+"""The peer in `hvdllm bench`: the same training step written with torch DistributedDataParallel.
+
+Same model (hvdllm.model.build_model), same batches (TokenReader), same autocast, AdamW, learning
+rate schedule and clipping as `hvdllm train`; only the gradient exchange differs (DDP buckets over
+gloo on CPU, NCCL on GPU). Launched by `hvdllm bench` under mpirun, one process per rank:
+
+    mpirun -np 2 python -m hvdllm.bench_ddp JOB.toml OUT.json [--set k=v ...]
+
+Rank 0 writes {"elapsed_s": [...]} with the wall-clock time after every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from hvdllm.config import accumulation_steps, load_job
+from hvdllm.data import TokenReader, load_prepared
+from hvdllm.model import build_model
+from hvdllm.optim import LRSchedule, build_optimizer, clip_gradients, global_grad_norm, set_lr
+from hvdllm.precision import autocast
+
+
+def init_process_group() -> tuple[int, int, torch.device]:
+    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", 0)))
+    world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29512")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    if cuda:
+        local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
+    return rank, world, torch.device("cpu")
+
+
+def main(argv: list[str]) -> None:
+    job_path, out, *rest = argv
+    job = load_job(job_path, [a for a in rest if a != "--set"])
+    rank, world, device = init_process_group()
+    if job.training.threads:
+        torch.set_num_threads(job.training.threads)
+    data = load_prepared(job)
+    reader = TokenReader(data.tokens("train"), job.data.seq_len, job.training.global_batch_size,
+                         job.run.seed)
+    model = build_model(job.model, data.meta["vocab_size"], job.data.seq_len, job.run.seed).to(device)
+    ddp = DistributedDataParallel(model)
+    optimizer = build_optimizer(model, job.optim, job.optim.lr)
+    schedule = LRSchedule(job.optim, job.optim.lr, job.training.steps)
+    accumulation, mbs = accumulation_steps(job, world), job.training.micro_batch_size
+    elapsed, start = [], time.perf_counter()
+    for step in range(job.training.steps):
+        ddp.train()
+        for micro in range(accumulation):
+            inputs, targets = reader.micro_batch(step, rank, micro, mbs, world)
+            sync = micro == accumulation - 1  # all-reduce only on the last micro-batch
+            with ddp.no_sync() if not sync else contextlib.nullcontext():
+                with autocast(job.precision.dtype, device):
+                    logits = ddp(input_ids=inputs.to(device)).logits
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
+                (loss / accumulation).backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = global_grad_norm(params)
+        set_lr(optimizer, schedule(step, norm))
+        clip_gradients(params, norm, job.training.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        elapsed.append(time.perf_counter() - start)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"elapsed_s": elapsed, "loss": float(loss)}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,111 @@
+"""Turning `hvdllm bench` measurements into bench.json, bench.md and bench.png."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+from pathlib import Path
+
+from hvdllm.config import JobConfig
+from hvdllm.parallel.schedules import bubble_fraction
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def summarise(job: JobConfig, configs: list, results: dict, ranks: int, threads: int,
+              repeats: int, steps: int, warmup: int) -> dict:
+    import horovod
+    import torch
+
+    tokens_per_step = job.training.global_batch_size * job.data.seq_len
+    base_info = results[configs[0].name].get("info", {})
+    rows = []
+    for cfg in configs:
+        res = results[cfg.name]
+        step_s = statistics.median(res["step_s"])
+        info = res.get("info") or base_info  # the DDP peer runs the baseline's model and dtype
+        tps = tokens_per_step / step_s
+        row = {"name": cfg.name, "ranks": cfg.ranks, "tokens_per_s": tps, "step_ms": 1000 * step_s,
+               "step_ms_repeats": [1000 * s for s in res["step_s"]], "baseline": cfg.baseline,
+               "mfu": info["flops_per_token"] * tps / (info["peak_tflops_per_rank"] * 1e12 * cfg.ranks)
+               if info else None,
+               "peak_tflops_per_rank": info.get("peak_tflops_per_rank"),
+               "allreduce_payload_bytes": info.get("allreduce_payload_bytes_rank0") if not cfg.peer else None}
+        if res["bubble"]:
+            m = info["micro_batches"]
+            row.update(bubble=statistics.median(res["bubble"]), bubble_theory=bubble_fraction(2, m))
+        rows.append(row)
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        r["ratio"] = r["tokens_per_s"] / by_name[r["baseline"]]["tokens_per_s"] if r["baseline"] else 1.0
+    one = by_name[configs[0].name]["tokens_per_s"]
+    scaling = {r["name"]: r["tokens_per_s"] / (r["ranks"] * one)
+               for r in rows if r["ranks"] > 1 and "pipeline" not in r["name"]}
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": _cores(),
+            "torch": torch.__version__, "horovod": horovod.__version__,
+            "python": platform.python_version(), "job": job.run.name,
+            "model": f"{job.model.family} {job.model.n_layer}x{job.model.n_embd}",
+            "parameters": base_info.get("parameters_on_rank0"),
+            "global_batch": job.training.global_batch_size, "seq_len": job.data.seq_len,
+            "ranks": ranks, "threads_per_rank": threads, "repeats": repeats, "timed_steps": steps,
+            "warmup_steps": warmup, "rows": rows, "scaling_efficiency": scaling}
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def markdown(s: dict) -> str:
+    lines = [f"# hvdllm bench: {s['job']} ({s['model']}, {s['parameters'] or '?':,} parameters)", "",
+             f"{s['date']} · {s['cpu']} · {s['cores']} cores · {s['threads_per_rank']} thread(s) per rank"
+             f" · torch {s['torch']} · Horovod {s['horovod']} · Python {s['python']}", "",
+             f"Global batch {s['global_batch']} x {s['seq_len']} tokens; median of {s['repeats']} "
+             f"alternating launches x {s['timed_steps']} timed steps ({s['warmup_steps']} warm-up).", "",
+             "| configuration | ranks | tokens/s | ms/step | ratio | vs | MFU | bubble (theory) | all-reduce bytes/rank/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        bubble = f"{100 * r['bubble']:.0f}% ({100 * r['bubble_theory']:.0f}%)" if "bubble" in r else ""
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        payload = f"{r['allreduce_payload_bytes']:,}" if r["allreduce_payload_bytes"] else ""
+        lines.append(f"| {r['name']} | {r['ranks']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
+                     f"{r['ratio']:.2f} | {r['baseline'] or '-'} | {mfu} | {bubble} | {payload} |")
+    lines += ["", "Scaling efficiency (N-rank tokens/s ÷ (N x 1-rank fp32 tokens/s), same threads per rank):", ""]
+    lines += [f"- {name}: {eff:.2f}" for name, eff in s["scaling_efficiency"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(s: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = s["rows"]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    colors = ["#4c72b0" if "DDP" not in r["name"] else "#c44e52" for r in rows]
+    ax.barh([r["name"] for r in rows][::-1], [r["tokens_per_s"] for r in rows][::-1], color=colors[::-1])
+    for i, r in enumerate(rows[::-1]):
+        ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:,.0f}", va="center", fontsize=8)
+    ax.set_xlabel("tokens/s (higher is better)")
+    ax.set_title(f"hvdllm bench: {s['model']}, {s['cpu'][:40]}, {s['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(s: dict, out: Path) -> None:
+    (out / "bench.json").write_text(json.dumps(s, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(s))
+    plot(s, out / "bench.png")

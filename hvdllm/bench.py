@@ -91,10 +91,19 @@ def run_info(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def bubble(run_dir: Path, warmup: int) -> float | None:
+def timed_rows(run_dir: Path, warmup: int) -> list[dict]:
+    """metrics.jsonl rows of the timed steps (after warm-up, without the last step)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    values = [r["bubble"] for r in rows if "bubble" in r][warmup:-1]
-    return statistics.median(values) if values else None
+    return [r for r in rows if "loss" in r][warmup:-1]
+
+
+def framework_overhead(run_dir: Path, warmup: int) -> float:
+    """Share of wall-clock time per step spent outside the training step itself (data is inside
+    it): logging, metrics files, TensorBoard, the preemption check, the loop."""
+    rows = timed_rows(run_dir, warmup)
+    wall = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+    inside = sum(r["step_ms"] for r in rows[1:]) / 1000
+    return max(0.0, 1 - inside / wall)
 
 
 def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool = False,
@@ -106,7 +115,7 @@ def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool
     out.mkdir(parents=True, exist_ok=True)
     prepare(job)  # once, before any launch
     configs = configurations(ranks, quick)
-    results: dict[str, dict] = {c.name: {"step_s": [], "bubble": []} for c in configs}
+    results: dict[str, dict] = {c.name: {"step_s": [], "bubble": [], "overhead": []} for c in configs}
     start = time.time()
     for r in range(repeats):
         for cfg in configs:  # A B C ... A B C ...: drift hits every configuration alike
@@ -115,9 +124,10 @@ def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool
             results[cfg.name]["step_s"].append(timed_step_s(elapsed, warmup))
             if not cfg.peer:
                 results[cfg.name]["info"] = run_info(run_dir)
-                b = bubble(run_dir, warmup)
-                if b is not None:
-                    results[cfg.name]["bubble"].append(b)
+                rows = timed_rows(run_dir, warmup)
+                if "bubble" in rows[0]:
+                    results[cfg.name]["bubble"].append(statistics.median(r["bubble"] for r in rows))
+                results[cfg.name]["overhead"].append(framework_overhead(run_dir, warmup))
             logger.info("bench %d/%d %-40s %.1f ms/step", r + 1, repeats, cfg.name,
                         1000 * results[cfg.name]["step_s"][-1])
     from hvdllm.bench_report import summarise, write_reports

@@ -40,7 +40,8 @@ def summarise(job: JobConfig, configs: list, results: dict, ranks: int, threads:
                "mfu": info["flops_per_token"] * tps / (info["peak_tflops_per_rank"] * 1e12 * cfg.ranks)
                if info else None,
                "peak_tflops_per_rank": info.get("peak_tflops_per_rank"),
-               "allreduce_payload_bytes": info.get("allreduce_payload_bytes_rank0") if not cfg.peer else None}
+               "allreduce_payload_bytes": info.get("allreduce_payload_bytes_rank0") if not cfg.peer else None,
+               "framework_overhead": statistics.median(res["overhead"]) if res["overhead"] else None}
         if res["bubble"]:
             m = info["micro_batches"]
             row.update(bubble=statistics.median(res["bubble"]), bubble_theory=bubble_fraction(2, m))
@@ -73,16 +74,21 @@ def markdown(s: dict) -> str:
              f" · torch {s['torch']} · Horovod {s['horovod']} · Python {s['python']}", "",
              f"Global batch {s['global_batch']} x {s['seq_len']} tokens; median of {s['repeats']} "
              f"alternating launches x {s['timed_steps']} timed steps ({s['warmup_steps']} warm-up).", "",
-             "| configuration | ranks | tokens/s | ms/step | ratio | vs | MFU | bubble (theory) | all-reduce bytes/rank/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| configuration | ranks | tokens/s | ms/step | ratio | vs | MFU | bubble (theory) "
+             "| all-reduce bytes/rank/step | overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         bubble = f"{100 * r['bubble']:.0f}% ({100 * r['bubble_theory']:.0f}%)" if "bubble" in r else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
         payload = f"{r['allreduce_payload_bytes']:,}" if r["allreduce_payload_bytes"] else ""
+        overhead = f"{100 * r['framework_overhead']:.1f}%" if r["framework_overhead"] is not None else ""
         lines.append(f"| {r['name']} | {r['ranks']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
-                     f"{r['ratio']:.2f} | {r['baseline'] or '-'} | {mfu} | {bubble} | {payload} |")
+                     f"{r['ratio']:.2f} | {r['baseline'] or '-'} | {mfu} | {bubble} | {payload} "
+                     f"| {overhead} |")
     lines += ["", "Scaling efficiency (N-rank tokens/s ÷ (N x 1-rank fp32 tokens/s), same threads per rank):", ""]
     lines += [f"- {name}: {eff:.2f}" for name, eff in s["scaling_efficiency"].items()]
+    lines += ["", "Overhead: share of each step's wall-clock time spent outside the training step "
+              "(logging, metrics, TensorBoard, the preemption check); the DDP peer has none of these."]
     return "\n".join(lines) + "\n"
 
 

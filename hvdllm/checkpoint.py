@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from hvdllm.errors import UserError
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -47,7 +49,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def begin(run_dir: Path, step: int) -> Path:
     """Create (or empty) the temporary directory a checkpoint is written into."""
     tmp = checkpoint_dir(run_dir, step).with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in tmp.parent.glob("step_*.tmp") if tmp.parent.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a run that died mid-save
     tmp.mkdir(parents=True)
     return tmp
 
@@ -62,9 +65,14 @@ def commit(tmp: Path, meta: dict, job_toml: str, tokenizer_dir: Path, keep: int)
     (tmp / "job.toml").write_text(job_toml)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     final = tmp.with_suffix("")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    if final.exists():  # the same step saved again (a resumed run): swap, then delete the old
+        old = final.with_suffix(".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
     for old in list_checkpoints(final.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -72,7 +80,7 @@ def commit(tmp: Path, meta: dict, job_toml: str, tokenizer_dir: Path, keep: int)
 
 def read_meta(ckpt: Path) -> dict:
     if not (ckpt / "meta.json").is_file():
-        raise ValueError(f"{ckpt} is not a complete hvdllm checkpoint (no meta.json)")
+        raise UserError(f"{ckpt} is not a complete hvdllm checkpoint (no meta.json)")
     return json.loads((ckpt / "meta.json").read_text())
 
 
@@ -90,7 +98,7 @@ def resolve(run_dir: Path, resume: str | None) -> Path | None:
     if resume == "latest":
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
-            raise ValueError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+            raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
         return ckpt
     ckpt = Path(resume)
     if not (ckpt / "meta.json").is_file() and latest_checkpoint(ckpt) is not None:
@@ -109,7 +117,7 @@ def merged_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     shards = sorted(ckpt.glob("model_stage*.pt"))
     if not shards:
-        raise ValueError(f"{ckpt} holds no model_stage*.pt files")
+        raise UserError(f"{ckpt} holds no model_stage*.pt files")
     for shard in shards:
         state.update(load_file(ckpt, shard.name))
     return state
@@ -121,7 +129,7 @@ def select_state(merged: dict[str, torch.Tensor], wanted: list[str]) -> dict[str
     for name in wanted:
         key = name if name in merged else TIED_ALIASES.get(name, name)
         if key not in merged:
-            raise ValueError(f"checkpoint has no tensor for {name!r}: was it written by another model?")
+            raise UserError(f"checkpoint has no tensor for {name!r}: was it written by another model?")
         out[name] = merged[key]
     return out
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import json
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hvdllm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A job file or override that cannot be used; the message is one line meant for the user."""
 
 
@@ -28,7 +30,8 @@ class RunConfig:
     dir: str = ""
     """Run directory (job.toml, metrics.jsonl, tb/, checkpoints/). Empty: runs/<name>."""
     seed: int = 1234
-    """Seed for model init and data sampling; the same seed gives the same run on any layout."""
+    """Seed for model init and data sampling; the same seed gives the same model and batches on
+    any layout (losses then agree to rounding)."""
 
 
 @dataclass
@@ -66,7 +69,8 @@ class ModelConfig:
     intermediate_size: int = 0
     """Llama only: MLP width; 0 means about 8/3 x n_embd rounded up to a multiple of 64."""
     dropout: float = 0.0
-    """Dropout probability inside the model (GPT-2 only; 0 keeps runs bit-reproducible)."""
+    """Dropout probability inside the model (GPT-2 only). Dropout is reseeded from (seed, step,
+    rank), so resumes stay exact; comparing different layouts needs 0."""
 
 
 @dataclass
@@ -90,7 +94,8 @@ class TrainingConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value after the all-reduce (0 disables)."""
     threads: int = 0
-    """Torch intra-op threads per rank; 0 divides the machine's cores among the local ranks."""
+    """Torch intra-op threads per rank on CPU; 0 divides the machine's cores among the local ranks
+    (ignored on GPUs)."""
 
 
 @dataclass
@@ -152,7 +157,7 @@ class ParallelConfig:
     """Gradient compression for the all-reduce: "fp16" halves the bytes sent."""
     peer_timeout_s: float = 300.0
     """Seconds a rank waits for another (a pipeline message, an all-reduce, a barrier) before it
-    ends the job with a message saying what it waited for."""
+    ends the job with a message saying what it waited for; 0 waits forever."""
 
 
 @dataclass
@@ -345,7 +350,8 @@ def validate(job: JobConfig) -> None:
     kv = job.model.n_kv_head or job.model.n_head
     need(job.model.n_head % kv == 0, "model.n_head must be a multiple of model.n_kv_head")
     need(0 <= job.model.dropout < 1, "model.dropout must be in [0, 1)")
-    need(job.training.global_batch_size % job.training.micro_batch_size == 0,
+    derived_micro = job.parallel.pipeline_stages > 1 and job.parallel.micro_batches > 0
+    need(derived_micro or job.training.global_batch_size % job.training.micro_batch_size == 0,
          f"training.global_batch_size ({job.training.global_batch_size}) must be a multiple of "
          f"training.micro_batch_size ({job.training.micro_batch_size})")
     if job.parallel.stage_layers:

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from hvdllm import checkpoint
+from hvdllm.errors import UserError
 from hvdllm.log import logger
 from hvdllm.model import load_state_into_hf_model
 
@@ -31,7 +32,7 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64,
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise ValueError(f"{model_dir} is not an exported model (no config.json); "
+        raise UserError(f"{model_dir} is not an exported model (no config.json); "
                          f"run: hvdllm export RUN_DIR {model_dir}")
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()

@@ -10,10 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig,  # noqa: E402
-                          PreTrainedModel)
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel  # noqa: E402
 
 from hvdllm.config import ModelConfig  # noqa: E402
+from hvdllm.errors import UserError  # noqa: E402
 
 
 def _llama_intermediate(cfg: ModelConfig) -> int:
@@ -24,12 +24,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, seed: int) -> P
     """A fresh model with seeded init, or the local pretrained one named by cfg.pretrained."""
     if cfg.pretrained:
         if not Path(cfg.pretrained, "config.json").is_file():
-            raise ValueError(f"model.pretrained {cfg.pretrained!r} is not a Hugging Face model "
+            raise UserError(f"model.pretrained {cfg.pretrained!r} is not a Hugging Face model "
                              f"directory (no config.json)")
         model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, local_files_only=True,
                                                      dtype=torch.float32)
         if model.get_input_embeddings().num_embeddings < vocab_size:
-            raise ValueError(f"pretrained model has {model.get_input_embeddings().num_embeddings} "
+            raise UserError(f"pretrained model has {model.get_input_embeddings().num_embeddings} "
                              f"token embeddings but the tokenizer has {vocab_size} tokens")
         return model
     if cfg.family == "gpt2":

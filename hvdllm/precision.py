@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
-from typing import Callable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,12 +25,16 @@ class LossScaler:
     is then reduced (MAX over the world) so that every rank - every replica and, with
     pipelines, every stage, each of which holds different parameters - skips the same steps and
     keeps the same scale. On overflow the scale halves; after `growth_interval` clean steps it doubles.
-    With fp32/bf16 the scaler is disabled and costs nothing.
+    With fp32/bf16 the scaler is disabled and costs nothing, unless check_overflow asks for the
+    agreed inf/NaN check alone (fp16 gradient compression): then overflowing steps are skipped
+    at a fixed scale of 1.
     """
 
     def __init__(self, enabled: bool, initial_scale: float = 65536.0, growth_interval: int = 200,
-                 world_max: Callable[[float], float] | None = None) -> None:
+                 world_max: Callable[[float], float] | None = None,
+                 check_overflow: bool = False) -> None:
         self.enabled = enabled
+        self.check_overflow = enabled or check_overflow
         self.scale = float(initial_scale) if enabled else 1.0
         self.growth_interval = growth_interval
         self.clean_steps = 0
@@ -42,13 +45,14 @@ class LossScaler:
 
     def unscale_and_check(self, params: Iterable[torch.nn.Parameter]) -> bool:
         """Divide gradients by the scale; return True when any rank saw inf/NaN (skip the step)."""
-        if not self.enabled:
+        if not self.check_overflow:
             return False
         grads = [p.grad for p in params if p.grad is not None]
-        inv = 1.0 / self.scale
         local_overflow = False
-        for g in grads:
-            g.mul_(inv)
+        if self.enabled:
+            inv = 1.0 / self.scale
+            for g in grads:
+                g.mul_(inv)
         if grads:
             local_overflow = not bool(torch.stack([g.float().abs().max() for g in grads]).isfinite().all())
         # Every rank must take the same decision, or replicas (and stages) would drift apart.

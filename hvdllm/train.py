@@ -25,11 +25,11 @@ import torch
 from hvdllm import checkpoint
 from hvdllm.config import ConfigError, JobConfig, accumulation_steps, dump_toml
 from hvdllm.data import PreparedData, TokenReader, load_prepared, prepare
+from hvdllm.errors import UserError
 from hvdllm.log import logger, setup_logging
 from hvdllm.metrics import MetricsWriter, measure_peak_tflops
 from hvdllm.model import build_model, count_parameters, flops_per_token
-from hvdllm.optim import (LRSchedule, build_optimizer, clip_gradients, global_grad_norm,
-                          scaled_peak_lr, set_lr)
+from hvdllm.optim import LRSchedule, build_optimizer, clip_gradients, global_grad_norm, scaled_peak_lr, set_lr
 from hvdllm.parallel.data_parallel import barrier, broadcast_parameters, distributed_optimizer
 from hvdllm.parallel.pipeline import PipelineRunner, PointToPoint, StepResult, sync_tied_gradient
 from hvdllm.parallel.schedules import bubble_fraction
@@ -86,7 +86,7 @@ def prepared_data(job: JobConfig, topo: Topology) -> PreparedData:
             error = str(e)
     error = hvd.broadcast_object(error, root_rank=0, name="prepare_error")  # also a barrier
     if error:
-        raise ValueError(error)
+        raise UserError(error)
     return load_prepared(job)
 
 
@@ -134,12 +134,16 @@ def setup(job: JobConfig, resume: str | None) -> Trainer:
     # rank read the same checkpoint, so optimizer state needs no broadcast; a fresh optimizer has
     # none (Horovod's broadcast_optimizer_state would create it with a zero-gradient step, which
     # moves AdamW's weights and step count).
-    broadcast_parameters(model, root_rank=topo.stage, process_set=topo.process_set)
+    with topo.waiting("the initial weights of the stage's first replica"):
+        broadcast_parameters(model, root_rank=topo.stage, process_set=topo.process_set)
+    # fp16 (loss scaling) and fp16 compression (an fp16 sum can overflow) both need the
+    # world-agreed inf/NaN check; fp16 compression alone keeps the scale at 1.
     scaler = LossScaler(job.precision.dtype == "fp16", job.precision.initial_scale,
-                        job.precision.growth_interval, world_max=topo.world_max)
+                        job.precision.growth_interval, world_max=topo.world_max,
+                        check_overflow=job.parallel.compression == "fp16")
     if saved:
         scaler.load_state_dict(saved["scaler"])
-    p2p = PointToPoint(topo.pipe_comm, topo.stage, topo.watchdog) if topo.stages > 1 else None
+    p2p = PointToPoint(topo.pipe_comm, topo.stage, topo.waiting) if topo.stages > 1 else None
     runner = PipelineRunner(stage, topo.stage, topo.stages, job.parallel.schedule, m, p2p, device,
                             lambda: autocast(job.precision.dtype, device), scaler.scale_loss)
     peak = job.precision.peak_tflops or measure_peak_tflops(job.precision.dtype, device)
@@ -161,7 +165,7 @@ def restore(ckpt, data: PreparedData, model: torch.nn.Module,
     """Load a checkpoint of any layout into this stage; returns (next step, counters)."""
     meta = checkpoint.read_meta(ckpt)
     if meta["tokenizer_fingerprint"] != data.meta["tokenizer_fingerprint"]:
-        raise ValueError(f"{ckpt} was trained with a different tokenizer than {data.dir}")
+        raise UserError(f"{ckpt} was trained with a different tokenizer than {data.dir}")
     merged = checkpoint.merged_model_state(ckpt)
     model.load_state_dict(checkpoint.select_state(merged, list(model.state_dict())))
     optim_state: dict = {}
@@ -217,7 +221,8 @@ def apply_gradients(t: Trainer, step: int) -> dict[str, float]:
 def train_step(t: Trainer, step: int) -> dict[str, float]:
     """One optimizer step over the global batch; returns this rank's metrics."""
     start = time.perf_counter()
-    t.topo.watchdog.step = step
+    if t.topo.watchdog:
+        t.topo.watchdog.step = step
     result = forward_backward(t, step)
     stats = apply_gradients(t, step)
     return {"loss": result.loss, "wait_s": result.wait_s, "step_s": time.perf_counter() - start,
@@ -290,12 +295,15 @@ def due(done: int, every: int, total: int) -> bool:
 
 
 def log_metrics(t: Trainer, window: list[dict], tokens_per_step: int) -> dict:
-    """Loss from the last stage averaged over replicas; throughput, MFU and bubble of the window."""
+    """Means over the window's steps: loss (from the last stage, averaged over replicas), gradient
+    norm, throughput, MFU and bubble; the rate and loss scale of its last step."""
     topo, last = t.topo, window[-1]
-    loss = topo.replica_mean(topo.from_last_stage(float(last["loss"])))
+    loss = sum(float(w["loss"]) for w in window) / len(window)
+    loss = topo.replica_mean(topo.from_last_stage(loss))
     step_s = sum(w["step_s"] for w in window) / len(window)
     tokens_per_s = tokens_per_step / step_s
-    out = {"loss": loss, "lr": last["lr"], "grad_norm": last["grad_norm"],
+    out = {"loss": loss, "lr": last["lr"],
+           "grad_norm": sum(w["grad_norm"] for w in window) / len(window),
            "loss_scale": last["loss_scale"], "skipped_steps": last["skipped_steps"],
            "tokens_per_s": tokens_per_s,
            "mfu": t.flops_per_token * tokens_per_s / (t.peak_tflops * 1e12 * topo.world),

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import pytest
-
-from hvdllm.config import (ConfigError, JobConfig, accumulation_steps, dump_toml, job_from_toml,
-                           load_job, parse_override)
 from conftest import ROOT, TINY, hvdllm, run
+
+from hvdllm.config import (
+    ConfigError,
+    JobConfig,
+    accumulation_steps,
+    dump_toml,
+    job_from_toml,
+    load_job,
+    parse_override,
+)
 
 
 def write(tmp_path, text: str):

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, hvdllm, run
 from transformers import AutoTokenizer
 
 from hvdllm.config import load_job
 from hvdllm.data import TokenReader, load_prepared, prepare
 from hvdllm.data.sources import source_files
 from hvdllm.data.tokenizer import train_bpe
-from conftest import TINY, hvdllm, run
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import BIN, SCRIPTS, TINY, hvdllm, mpirun, read_metrics, run, train_losses
 
 
@@ -115,9 +114,8 @@ def test_tensorboard_and_metrics_agree(reference_run):
 
 
 def test_export_from_pretrained_and_generate(reference_run, tmp_path, tiny_data):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hvdllm.data import TokenReader
     from hvdllm.model import load_state_into_hf_model
@@ -157,7 +155,6 @@ def test_stop_signal_checkpoints_and_resume_matches(tiny_args, tmp_path):
     import subprocess
 
     import psutil
-
     from conftest import env
 
     steps = ("training.log_every=1", "training.steps=300")

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from hvdllm.config import OptimConfig
-from hvdllm.optim import (LRSchedule, build_optimizer, clip_gradients, global_grad_norm,
-                          scaled_peak_lr)
+from hvdllm.optim import LRSchedule, build_optimizer, clip_gradients, global_grad_norm, scaled_peak_lr
 from hvdllm.precision import LossScaler
 
 
@@ -81,3 +80,15 @@ def test_loss_scaler_skips_on_overflow_and_grows():
     assert LossScaler(True, 2.0, world_max=lambda flag: 1.0).unscale_and_check([p]) is True
     off = LossScaler(False)
     assert off.scale_loss(torch.tensor(3.0)) == 3.0 and off.unscale_and_check([p]) is False
+
+
+def test_overflow_check_without_loss_scaling():
+    """fp16 gradient compression with fp32/bf16 training: skip non-finite steps at scale 1."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([2.0, float("nan")])
+    scaler = LossScaler(False, check_overflow=True)
+    assert scaler.unscale_and_check([p]) is True and scaler.scale == 1.0
+    p.grad = torch.tensor([2.0, 3.0])
+    assert scaler.unscale_and_check([p]) is False and p.grad.tolist() == [2.0, 3.0]
+    scaler.update(True)
+    assert scaler.scale == 1.0 and scaler.scale_loss(torch.tensor(3.0)) == 3.0

@@ -14,8 +14,7 @@ import time
 import psutil
 import pytest
 import torch
-
-from conftest import (BIN, SCRIPTS, TINY, env, hvdllm, mpirun, read_metrics, run, train_losses)
+from conftest import BIN, SCRIPTS, TINY, env, hvdllm, mpirun, read_metrics, run, train_losses
 
 LAYERS = "model.n_layer=4"
 

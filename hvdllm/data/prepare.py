@@ -23,6 +23,7 @@ from tqdm import tqdm
 from hvdllm.config import JobConfig
 from hvdllm.data.sources import Document, fingerprint_files, iter_documents, source_files
 from hvdllm.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
+from hvdllm.errors import UserError
 from hvdllm.log import logger
 
 FORMAT_VERSION = 1
@@ -61,7 +62,7 @@ def _split(docs: list[Document], job: JobConfig) -> tuple[list[Document], list[D
     if not val:  # always hold out something, even for tiny corpora
         val, train = train[-1:], train[:-1]
     if not train:
-        raise ValueError(f"data.source {job.data.source!r} has too few documents to split train/val")
+        raise UserError(f"data.source {job.data.source!r} has too few documents to split train/val")
     return train, val
 
 
@@ -82,11 +83,11 @@ def load_prepared(job: JobConfig) -> PreparedData:
     """Open prepared data, or raise ValueError saying why it cannot be used for this job."""
     meta_path = job.data_dir / "meta.json"
     if not meta_path.is_file():
-        raise ValueError(f"no prepared data in {job.data_dir}; run: hvdllm prepare JOB.toml")
+        raise UserError(f"no prepared data in {job.data_dir}; run: hvdllm prepare JOB.toml")
     meta = json.loads(meta_path.read_text())
     files = source_files(job.data.source)
     if meta.get("key") != _settings_key(job, files):
-        raise ValueError(f"prepared data in {job.data_dir} does not match this job's [data] section "
+        raise UserError(f"prepared data in {job.data_dir} does not match this job's [data] section "
                          f"or its source files changed; run: hvdllm prepare JOB.toml")
     return PreparedData(job.data_dir, meta)
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hvdllm.errors import UserError
+
 
 class TokenReader:
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch_size: int, seed: int) -> None:
         if tokens.size < seq_len + 2:
-            raise ValueError(f"only {tokens.size} tokens: too few for windows of {seq_len + 1}")
+            raise UserError(f"only {tokens.size} tokens: too few for windows of {seq_len + 1}")
         self.tokens = tokens
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from hvdllm.errors import UserError
+
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 
 
@@ -27,7 +29,7 @@ def _stdlib_files(subdir: str = "") -> list[Path]:
 
 
 def source_files(source: str) -> list[Path]:
-    """The files a source names, sorted; raises ValueError with a clear message when none."""
+    """The files a source names, sorted; raises UserError with a clear message when none."""
     if source == "python-stdlib" or source.startswith("python-stdlib/"):
         files = _stdlib_files(source.partition("/")[2])
     elif Path(source).is_dir():
@@ -38,7 +40,7 @@ def source_files(source: str) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(source, recursive=True)
                        if Path(p).is_file() and Path(p).suffix in TEXT_SUFFIXES)
     if not files:
-        raise ValueError(f"data.source {source!r} matches no .txt/.py/.md/.jsonl files")
+        raise UserError(f"data.source {source!r} matches no .txt/.py/.md/.jsonl files")
     return files
 
 
@@ -62,7 +64,7 @@ def iter_documents(files: list[Path]) -> Iterator[Document]:
                     try:
                         text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+                        raise UserError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
                     if text:
                         yield Document(f"{path}:{lineno}", str(text))
         else:

@@ -10,6 +10,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from hvdllm.errors import UserError
+
 EOS = "<|endoftext|>"
 
 
@@ -33,10 +35,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a local Hugging Face tokenizer directory (never the hub)."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise ValueError(f"{path} is not a Hugging Face tokenizer directory (no tokenizer.json)")
+        raise UserError(f"{path} is not a Hugging Face tokenizer directory (no tokenizer.json)")
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer in {path} has no end-of-text token (eos_token)")
+        raise UserError(f"tokenizer in {path} has no end-of-text token (eos_token)")
     return tok
 
 

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from hvdllm.parallel.schedules import SCHEDULES
 from hvdllm.parallel.stages import Stage
-from hvdllm.parallel.watchdog import Watchdog
 
 ACT_TAG, GRAD_TAG = 11, 22
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -33,8 +32,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class PointToPoint:
     """Dtype-exact tensor messages to the previous/next stage on the pipeline communicator."""
 
-    def __init__(self, comm, stage: int, watchdog: Watchdog) -> None:
-        self.comm, self.stage, self.watchdog = comm, stage, watchdog
+    def __init__(self, comm, stage: int,
+                 waiting: Callable[[str], contextlib.AbstractContextManager]) -> None:
+        self.comm, self.stage, self.waiting = comm, stage, waiting  # waiting: the watchdog guard
         self.pending: list = []  # (request, buffers) of sends in flight
         self.wait_s = 0.0  # time spent blocked in receives (the measured bubble)
 
@@ -52,7 +52,7 @@ class PointToPoint:
         from mpi4py import MPI
 
         start = time.perf_counter()
-        with self.watchdog.guard(f"{what} from stage {src_stage}"):
+        with self.waiting(f"{what} from stage {src_stage}"):
             header = np.zeros(8, dtype=np.int64)
             self.comm.Recv([header, MPI.INT64_T], source=src_stage, tag=tag)
             dtype, shape = _DTYPES[header[0]], [int(d) for d in header[2:2 + header[1]]]
@@ -64,8 +64,9 @@ class PointToPoint:
     def finish_sends(self) -> None:
         from mpi4py import MPI
 
-        for reqs, _buffers in self.pending:
-            MPI.Request.Waitall(reqs)
+        with self.waiting("the neighbours to receive this step's messages"):
+            for reqs, _buffers in self.pending:
+                MPI.Request.Waitall(reqs)
         self.pending.clear()
 
 

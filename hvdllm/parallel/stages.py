@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from hvdllm.errors import UserError
+
 
 def balanced_partition(n_layer: int, stages: int, block_cost: float, first_extra: float,
                        last_extra: float) -> list[int]:
@@ -29,7 +31,7 @@ def balanced_partition(n_layer: int, stages: int, block_cost: float, first_extra
     the last (embedding and head/loss work).
     """
     if stages > n_layer:
-        raise ValueError(f"{stages} pipeline stages but only {n_layer} layers: every stage needs one")
+        raise UserError(f"{stages} pipeline stages but only {n_layer} layers: every stage needs one")
     inf = float("inf")
     # best[s][k]: (cost of the worst stage, counts) for the first k blocks on stages 0..s
     best: list[list[tuple[float, list[int]]]] = [[(inf, [])] * (n_layer + 1) for _ in range(stages)]
@@ -72,7 +74,7 @@ class Stage:
     def __init__(self, model: nn.Module, layers: range, first: bool, last: bool) -> None:
         self.family = model.config.model_type
         if self.family not in ("gpt2", "llama"):
-            raise ValueError(f"pipeline stages support gpt2 and llama models, not {self.family}")
+            raise UserError(f"pipeline stages support gpt2 and llama models, not {self.family}")
         self.model, self.layers, self.first, self.last = model, layers, first, last
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         if not (first and last):

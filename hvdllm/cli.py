@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="resume from the run's latest checkpoint, from PATH, or with 'auto' from "
                         "the latest if there is one (else start fresh; for requeued jobs)")
+    p = sub.add_parser("slurm", help="render an sbatch script for the job (slurm/<launcher>.sbatch)")
+    _job_args(p)
+    for flag, kind in [("--nodes", int), ("--tasks-per-node", int), ("--gpus-per-node", int),
+                       ("--partition", str), ("--time", str)]:
+        p.add_argument(flag, type=kind, help=f"overrides slurm.{flag[2:].replace('-', '_')}")
+    p.add_argument("--launcher", choices=["srun", "mpirun", "horovodrun"], help="overrides slurm.launcher")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the script here (default: stdout)")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
     p.add_argument("source", help="run directory (latest checkpoint) or checkpoint directory")
     p.add_argument("out_dir", help="output folder for from_pretrained")
@@ -60,6 +67,8 @@ def run(args: argparse.Namespace) -> None:
         from hvdllm.train import train
 
         train(job, args.resume)
+    elif args.command == "slurm":
+        _slurm(args)
     elif args.command == "export":
         from hvdllm.export import export
 
@@ -68,6 +77,23 @@ def run(args: argparse.Namespace) -> None:
         from hvdllm.export import generate
 
         print(generate(args.model_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+
+
+def _slurm(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from hvdllm.launch.slurm import SlurmOptions, render
+
+    job = load_job(args.job, args.overrides)
+    SlurmOptions(nodes=args.nodes, tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
+                 partition=args.partition, time=args.time, launcher=args.launcher).apply(job.slurm)
+    script = render(job, Path(args.job), args.overrides)
+    job.run_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens the job's log files there
+    if args.output:
+        Path(args.output).write_text(script)
+        print(f"wrote {args.output}: sbatch {args.output}", file=sys.stderr)
+    else:
+        print(script, end="")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ setup:
 	@bash scripts/setup.sh
 
 test: setup
+	@bash scripts/setup-slurm.sh  # test-only: Slurm, munge, shellcheck for tests/test_slurm.py
 	$(PY) -m pytest tests
 
 demo: setup

@@ -107,7 +107,7 @@ def framework_overhead(run_dir: Path, warmup: int) -> float:
 
 
 def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool = False,
-          repeats: int = 0, steps: int = 0, warmup: int = 0) -> dict:
+          repeats: int = 0, steps: int = 0, warmup: int = 0, case_steps: int = 0) -> dict:
     """Run every configuration `repeats` times, alternating; write bench.json/.md/.png to out."""
     job = load_job(job_path, sets)
     repeats, steps, warmup = repeats or (2 if quick else 3), steps or (6 if quick else 20), warmup or 2
@@ -133,6 +133,12 @@ def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool
     from hvdllm.bench_report import summarise, write_reports
 
     summary = summarise(job, configs, results, ranks, threads, repeats, steps, warmup)
+    if case_steps:
+        from hvdllm.bench_cases import case_studies
+
+        summary["case_studies"] = case_studies(job_path, sets, out, ranks, case_steps,
+                                               eval_every=max(1, case_steps // 10))
+        summary["case_steps"] = case_steps
     summary["seconds"] = time.time() - start
     write_reports(summary, out)
     return summary

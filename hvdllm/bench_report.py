@@ -89,6 +89,10 @@ def markdown(s: dict) -> str:
     lines += [f"- {name}: {eff:.2f}" for name, eff in s["scaling_efficiency"].items()]
     lines += ["", "Overhead: share of each step's wall-clock time spent outside the training step "
               "(logging, metrics, TensorBoard, the preemption check); the DDP peer has none of these."]
+    if "case_studies" in s:
+        from hvdllm.bench_cases import markdown as cases_markdown
+
+        lines += ["", cases_markdown(s["case_studies"], s["ranks"], s["case_steps"])]
     return "\n".join(lines) + "\n"
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
-from hvdllm.config import ConfigError, dump_toml, load_job
+from hvdllm.config import dump_toml, load_job
+from hvdllm.errors import UserError
 from hvdllm.log import logger, setup_logging, world_rank
 from hvdllm.preemption import PREEMPTED_EXIT, Preempted
 
-USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotImplementedError)
+USAGE_ERRORS = (UserError, FileNotFoundError)
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=kind, help=f"overrides slurm.{flag[2:].replace('-', '_')}")
     p.add_argument("--launcher", choices=["srun", "mpirun", "horovodrun"], help="overrides slurm.launcher")
     p.add_argument("-o", "--output", metavar="FILE", help="write the script here (default: stdout)")
+    p = sub.add_parser("bench", help="side-by-side throughput: precisions, Horovod vs DDP, pipelines")
+    _job_args(p)
+    p.add_argument("--out", default="bench", help="output directory (bench.json, bench.md, bench.png)")
+    p.add_argument("--ranks", type=int, default=2, help="ranks of the data-parallel rows")
+    p.add_argument("--quick", action="store_true", help="fewer rows and steps (about 2 minutes on 2 cores)")
+    p.add_argument("--repeats", type=int, default=0, help="launches per configuration (default 3, quick 2)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per launch (default 20, quick 6)")
+    p.add_argument("--case-studies", type=int, default=0, metavar="STEPS",
+                   help="also train fp32 vs bf16 and SGD vs momentum vs AdamW for STEPS steps each")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
     p.add_argument("source", help="run directory (latest checkpoint) or checkpoint directory")
     p.add_argument("out_dir", help="output folder for from_pretrained")
@@ -69,6 +80,12 @@ def run(args: argparse.Namespace) -> None:
         train(job, args.resume)
     elif args.command == "slurm":
         _slurm(args)
+    elif args.command == "bench":
+        from hvdllm.bench import bench
+        from hvdllm.bench_report import markdown
+
+        print(markdown(bench(args.job, args.overrides, Path(args.out), args.ranks, args.quick,
+                             args.repeats, args.steps, case_steps=args.case_studies)), end="")
     elif args.command == "export":
         from hvdllm.export import export
 

@@ -25,9 +25,9 @@ from typing import Any
 import horovod.torch as hvd
 import torch
 
-from hvdllm.parallel.watchdog import Watchdog
-
+from hvdllm.errors import UserError
 from hvdllm.launch.checks import check_launch
+from hvdllm.parallel.watchdog import Watchdog
 
 
 @dataclass
@@ -95,6 +95,8 @@ class Topology:
     def replica_mean(self, value: float) -> float:
         """Mean of a scalar over this stage's replicas."""
         with self.waiting("the other replicas (mean)"):
+            if self.stage_comm is not None:  # mpi4py on the stage communicator
+                return self.stage_comm.allreduce(float(value)) / self.replicas
             return float(hvd.allreduce(torch.tensor([float(value)], dtype=torch.float64),
                                        op=hvd.Average, name="replica_mean",
                                        process_set=self.process_set)[0])
@@ -118,7 +120,7 @@ def stage_ranks(stage: int, stages: int, world: int) -> list[int]:
 
 def check_world(world: int, stages: int) -> None:
     if world % stages:
-        raise ValueError(f"world size {world} is not a multiple of parallel.pipeline_stages "
+        raise UserError(f"world size {world} is not a multiple of parallel.pipeline_stages "
                          f"({stages}); launch a multiple of {stages} ranks")
 
 
@@ -132,7 +134,7 @@ def init_distributed(stages: int, peer_timeout_s: float = 300.0) -> Topology:
     check_launch(os.environ, mpi_built=hvd.mpi_built(), gloo_built=hvd.gloo_built())
     if launched_with_gloo():
         if stages > 1:
-            raise ValueError("pipeline stages need MPI point-to-point messages: launch with mpirun, "
+            raise UserError("pipeline stages need MPI point-to-point messages: launch with mpirun, "
                              "srun or horovodrun --mpi instead of horovodrun --gloo")
         hvd.init()
         return Topology(rank=hvd.rank(), world=hvd.size(), stages=1, replicas=hvd.size(), stage=0,
@@ -167,7 +169,9 @@ def init_distributed(stages: int, peer_timeout_s: float = 300.0) -> Topology:
                     watchdog=_watchdog(rank, stage, replica, peer_timeout_s))
 
 
-def _watchdog(rank: int, stage: int, replica: int, timeout_s: float) -> Watchdog:
+def _watchdog(rank: int, stage: int, replica: int, timeout_s: float) -> Watchdog | None:
+    if timeout_s <= 0:
+        return None  # parallel.peer_timeout_s = 0: wait forever
     return Watchdog(timeout_s, f"stage {stage} of replica {replica} (rank {rank})", abort_world)
 
 

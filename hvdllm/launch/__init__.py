@@ -1,1 +1,1 @@
-"""Launching hvdllm: sbatch scripts for Slurm (slurm.py) and checks that a launch can work (checks.py)."""
+"""Launching hvdllm: sbatch scripts for Slurm (slurm.py), checks that a launch can work (checks.py)."""

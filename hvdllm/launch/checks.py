@@ -28,7 +28,7 @@ def launch_problem(env: Mapping[str, str], mpi_built: bool, gloo_built: bool) ->
         return (f"srun started {tasks} tasks without an MPI plugin, so each would train alone as "
                 f"rank 0: use `srun --mpi=pmix` (`srun --mpi=list` shows what the cluster has)")
     if not mpi_built:
-        how = "this run was launched by MPI (mpirun or srun)" if by_mpi else "hvdllm needs it"
+        how = "this run was launched by MPI (mpirun or srun)" if by_mpi else "training needs it"
         return (f"Horovod was built without MPI but {how}: rebuild Horovod with HOROVOD_WITH_MPI=1 "
                 f"(scripts/setup.sh does), or launch with `horovodrun --gloo`")
     return ""

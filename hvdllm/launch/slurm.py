@@ -108,7 +108,7 @@ def validate_slurm(job: JobConfig) -> None:
         raise ConfigError(f"slurm.launcher = {s.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
     if s.gpus_per_node and s.tasks_per_node != s.gpus_per_node:
         raise ConfigError(f"slurm.tasks_per_node ({s.tasks_per_node}) must equal slurm.gpus_per_node "
-                          f"({s.gpus_per_node}): hvdllm runs one rank per GPU")
+                          f"({s.gpus_per_node}): one rank per GPU")
     limit = time_seconds(s.time)
     if limit <= 0:
         raise ConfigError(f"slurm.time = {s.time!r} must be longer than zero")
@@ -188,7 +188,8 @@ def template_values(job: JobConfig, job_file: Path, overrides: Sequence[str], wo
     run_dir = job.run_dir if job.run_dir.is_absolute() else workdir / job.run_dir
     job_file = job_file if job_file.is_absolute() else workdir / job_file
     hvdllm = s.hvdllm or installed("hvdllm")
-    sets = "".join(f" --set {shlex.quote(check_text('--set', o))}" for o in overrides)
+    sets = "".join(f" --set {shlex.quote(check_text('--set', o))}" for o in overrides
+                   if not o.strip().startswith("slurm."))  # those only shape this script
     if s.cpus_per_task and not job.training.threads and not s.gpus_per_node:
         sets += ' --set "training.threads=${SLURM_CPUS_PER_TASK}"'  # read back, not repeated
     return {

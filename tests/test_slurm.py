@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, TINY, hvdllm, run, train_losses
+from conftest import BIN, ROOT, TINY, hvdllm, run, train_losses
 from hvdllm.config import ConfigError, load_job
 from hvdllm.launch.checks import launch_problem
 from hvdllm.launch.slurm import LAUNCHERS, SlurmOptions, render, time_seconds
@@ -91,8 +91,7 @@ def test_paths_and_defaults(tmp_path):
     values = shell_values(text, tmp_path)
     assert values["hvdllm"] == [str(BIN / "hvdllm")]
     assert values["train"] == [str(BIN / "hvdllm"), "train", str(TINY), "--set", "run.dir=out/r",
-                               "--set", "slurm.cpus_per_task=3", "--set",
-                               "training.threads=3", "--resume", "auto"]  # read from Slurm
+                               "--set", "training.threads=3", "--resume", "auto"]  # from Slurm
 
 
 @pytest.mark.parametrize("value", NASTY)
@@ -112,7 +111,7 @@ def test_values_are_quoted_not_run(tmp_path, value):
         values = shell_values(text, tmp_path)
         assert values["run_dir"] == [run_dir]
         assert values["hvdllm"] == [f"/opt/{value}/hvdllm"]
-        assert values["train"][3:] == [w for s in sets for w in ("--set", s)] + ["--resume", "auto"]
+        assert values["train"][3:] == ["--set", sets[0], "--set", sets[1], "--resume", "auto"]
         directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
         assert len(directives) == 13  # 10 fixed + partition, account, comment: nothing injected
     assert not list(tmp_path.rglob("PWNED"))
@@ -172,6 +171,20 @@ def test_cli_writes_script_and_run_dir(tmp_path):
     assert run(hvdllm("slurm", TINY, "--set", f"run.dir={run_dir}")).stdout.startswith("#!/bin/bash")
 
 
+def test_docs_show_the_rendered_script():
+    """docs/slurm.md's example is what `hvdllm slurm` renders today (in a checkout at ~you)."""
+    shown = re.search(r"```bash\n(#!/bin/bash\n.*?)```", (ROOT / "docs" / "slurm.md").read_text(),
+                      re.DOTALL)[1]
+    sets = ["slurm.cpus_per_task=12"]
+    job = load_job(ROOT / "jobs" / "gpt2-124m.toml", sets)
+    SlurmOptions(partition="gpu").apply(job.slurm)
+    job.slurm.hvdllm = str(ROOT / ".venv" / "bin" / "hvdllm")
+    text = render(job, ROOT / "jobs" / "gpt2-124m.toml", sets, workdir=ROOT)
+    assert shown == text.replace(str(ROOT), "/home/you/hvdllm"), (
+        "docs/slurm.md is out of date: paste the output of `hvdllm slurm jobs/gpt2-124m.toml "
+        "--partition gpu --set slurm.cpus_per_task=12` (paths as /home/you/hvdllm)")
+
+
 @pytest.mark.parametrize("args", [["--nodes", "0"], ["--tasks-per-node", "3"], ["--time", "soon"],
                                   ["--set", "slurm.partition=a\nb"]])
 def test_cli_errors_are_one_line_exit_2(tmp_path, args):
@@ -189,7 +202,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args):
      "srun started 4 tasks without an MPI plugin"),
     ({"OMPI_COMM_WORLD_RANK": "0"}, False, True, "Horovod was built without MPI but this run was "
                                                  "launched by MPI"),
-    ({}, False, True, "launch with `horovodrun --gloo`"),
+    ({}, False, True, "Horovod was built without MPI but training needs it"),
     ({"HOROVOD_CONTROLLER": "gloo"}, True, False, "Horovod was built without Gloo"),
 ])
 def test_launch_problems(env, mpi, gloo, message):
@@ -228,11 +241,15 @@ def job_env(cluster: SlurmCluster) -> dict[str, str]:
 
 
 class Job:
-    """One rendered script submitted with `sbatch --wait`, optionally signalled while it runs."""
+    """One rendered script submitted with `sbatch --wait`, optionally signalled while it runs.
+
+    when: "" (never), "early" (as soon as the batch shell runs) or "mid" (after 10 logged steps);
+    then `scancel *how JOBID`.
+    """
 
     def __init__(self, cluster: SlurmCluster, base: Path, name: str, launcher: str, data: Path,
-                 action: str = "") -> None:
-        self.cluster, self.action, self.launcher = cluster, action, launcher
+                 when: str = "", how: tuple[str, ...] = ()) -> None:
+        self.cluster, self.launcher, self.when, self.how = cluster, launcher, when, how
         self.name = f"{name} $(touch PWNED); '%j'"  # quoting is exercised by every real job
         self.run_dir = base / f"{name} \"$(touch PWNED)\" 100%j"
         self.sets = [f"data.dir={data}", f"run.dir={self.run_dir}", f"run.name={self.name}",
@@ -247,7 +264,7 @@ class Job:
         try:
             p = subprocess.Popen(["sbatch", "--wait", str(self.script)], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, env=job_env(self.cluster))
-            if self.action:
+            if self.when:
                 self._signal(p, time.monotonic() + timeout)
             self.output = p.communicate(timeout=timeout)[0]
             self.returncode = p.returncode
@@ -257,16 +274,15 @@ class Job:
             p.kill()
 
     def _signal(self, sbatch: subprocess.Popen, deadline: float) -> None:
-        """early: once the batch shell runs; mid: after 10 logged steps; then scancel."""
+        """Wait for the moment (see the class), then scancel."""
         while time.monotonic() < deadline and sbatch.poll() is None:
             outs = list(self.run_dir.glob("slurm-*.out"))
             metrics = self.run_dir / "metrics.jsonl"
-            ready = (outs and outs[0].stat().st_size > 0) if self.action.startswith("early") else \
+            ready = (outs and outs[0].stat().st_size > 0) if self.when == "early" else \
                 metrics.exists() and len(metrics.read_text().splitlines()) >= 10
             if ready:
                 job_id = outs[0].name.split("-")[1].split(".")[0]
-                how = ["--batch", "--signal=USR1"] if self.action.endswith("usr1") else []
-                subprocess.run(["scancel", *how, job_id], env=job_env(self.cluster), check=True)
+                subprocess.run(["scancel", *self.how, job_id], env=job_env(self.cluster), check=True)
                 return
             time.sleep(0.1)
 
@@ -283,11 +299,14 @@ class Job:
 def jobs(cluster, tiny_data, tmp_path_factory) -> dict[str, Job]:
     """All the cluster jobs, submitted together and waited for."""
     base = tmp_path_factory.mktemp("slurm-jobs")
-    specs = {f"plain-{launcher}": (launcher, "") for launcher in LAUNCHERS}
-    specs.update({"preempt-srun": ("srun", "early-usr1"), "preempt-mpirun": ("mpirun", "mid-usr1"),
-                  "preempt-horovodrun": ("horovodrun", "mid-usr1"), "cancel-srun": ("srun", "mid")})
-    all_jobs = {name: Job(cluster, base, name, launcher, tiny_data, action)
-                for name, (launcher, action) in specs.items()}
+    warn = ("--batch", "--signal=USR1")  # what --signal=B:USR1@N does before the time limit
+    specs = {f"plain-{launcher}": (launcher, "", ()) for launcher in LAUNCHERS}
+    specs.update({"preempt-srun": ("srun", "early", warn), "preempt-mpirun": ("mpirun", "mid", warn),
+                  "preempt-horovodrun": ("horovodrun", "mid", warn),
+                  "steps-term-srun": ("srun", "mid", ("--signal=TERM",)),  # the tasks, not the shell
+                  "cancel-srun": ("srun", "mid", ())})
+    all_jobs = {name: Job(cluster, base, name, launcher, tiny_data, when, how)
+                for name, (launcher, when, how) in specs.items()}
     threads = [threading.Thread(target=job.run) for job in all_jobs.values()]
     start = time.monotonic()
     for t in threads:
@@ -335,8 +354,21 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(cluster, jobs, launcher
         assert 0 < step < STEPS and f"resumed from {job.run_dir}/checkpoints/step_{step:08d}" in err
         assert world_sizes(err) == [2, 2]
     else:  # signalled at once (srun): a rank still importing may die of it; requeued all the same
-        assert job.action.startswith("early") and "resumed from" not in err, job.describe()
+        assert job.when == "early" and "resumed from" not in err, job.describe()
     assert train_losses(job.run_dir) == train_losses(plain.run_dir)  # every step, exactly
+
+
+@needs_slurm
+def test_term_to_the_job_steps_also_checkpoints_and_requeues(cluster, jobs):
+    """`scancel --signal=TERM` without --batch reaches srun's tasks only; they exit 75 all the same."""
+    job = jobs["steps-term-srun"]
+    assert job.returncode == 0, job.describe()
+    info = cluster.show_job(job.job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    step = int(re.search(r"stopped by SIGTERM after step (\d+)", job.log("err"))[1])
+    assert f"checkpoints/step_{step:08d} (step {step}" in job.log("err")
+    assert "stopped early (status 75); requeueing" in job.log("out")
+    assert train_losses(job.run_dir) == train_losses(jobs["plain-srun"].run_dir)
 
 
 @needs_slurm

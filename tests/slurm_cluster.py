@@ -81,6 +81,7 @@ class SlurmCluster:
         self.cpus = cpus
         self.conf = root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
+        self._logs: list = []
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for Slurm commands (and, through sbatch, for the jobs) of this cluster."""
@@ -108,6 +109,7 @@ class SlurmCluster:
 
     def _spawn(self, cmd: list) -> None:
         log = open(self.root / "log" / f"{Path(str(cmd[0])).name}.stdout", "w")
+        self._logs.append(log)
         self.procs.append(subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
                                            env=self.env(), start_new_session=True))
 
@@ -162,3 +164,5 @@ class SlurmCluster:
                 p.kill()
                 p.wait()
         self.procs.clear()
+        for log in self._logs:
+            log.close()

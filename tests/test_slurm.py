@@ -10,7 +10,9 @@ slowest one, not for all of them in turn.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -22,11 +24,15 @@ from conftest import BIN, ROOT, TINY, hvdllm, run, train_losses
 from hvdllm.config import ConfigError, load_job
 from hvdllm.launch.checks import launch_problem
 from hvdllm.launch.slurm import LAUNCHERS, SlurmOptions, render, time_seconds
-from slurm_cluster import SlurmCluster, missing_tools
+from slurm_cluster import CLIENTS, DAEMONS, SlurmCluster, missing_tools
 
 NASTY = ["a b", "q'uote", 'd"q', "$(touch PWNED)", "`touch PWNED`", "; touch PWNED", "x && y #",
          "%j %% 100%", "é ü"]
 """Values that would break or inject into a naively written script."""
+
+
+needs_shellcheck = pytest.mark.skipif(shutil.which("shellcheck") is None,
+                                      reason="shellcheck missing (scripts/setup-slurm.sh installs it)")
 
 
 def job_with(*sets: str, **flags):
@@ -56,6 +62,7 @@ def shell_values(text: str, tmp_path: Path) -> dict[str, list[str]]:
 # Rendering: no cluster needed
 # --------------------------------------------------------------------------------------------
 
+@needs_shellcheck
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("gpus", [0, 8])
 def test_rendered_scripts_pass_bash_and_shellcheck(tmp_path, launcher, gpus):
@@ -94,6 +101,7 @@ def test_paths_and_defaults(tmp_path):
                                "--set", "training.threads=3", "--resume", "auto"]  # from Slurm
 
 
+@needs_shellcheck
 @pytest.mark.parametrize("value", NASTY)
 def test_values_are_quoted_not_run(tmp_path, value):
     """Every value comes out of bash exactly as it went in, and nothing in it runs."""
@@ -215,9 +223,10 @@ def test_launch_problems(env, mpi, gloo, message):
 # A real Slurm
 # --------------------------------------------------------------------------------------------
 
-needs_slurm = pytest.mark.skipif(bool(missing_tools()),
-                                 reason=f"Slurm test tools missing: {missing_tools()} "
-                                        f"(scripts/setup-slurm.sh installs them)")
+needs_slurm = pytest.mark.skipif(
+    bool(missing_tools()) or os.geteuid() != 0,
+    reason=f"the one-machine Slurm needs root and {', '.join(DAEMONS + CLIENTS)} (scripts/setup-slurm.sh "
+           f"installs them); missing: {missing_tools()}")
 STEPS = 200
 
 
@@ -233,8 +242,6 @@ def cluster(tmp_path_factory):
 
 def job_env(cluster: SlurmCluster) -> dict[str, str]:
     """What a user's shell would pass to sbatch: no MPI tuning from the tests, only root's permit."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMPI_MCA_")}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return cluster.env(env)

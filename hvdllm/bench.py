@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,10 @@ from hvdllm.log import logger
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_mpi_yield_when_idle": "1", "OMPI_MCA_hwloc_base_binding_policy": "none",
            "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+
+
+LAUNCH_TIMEOUT_S = 1800
+"""A launch that runs longer than this is reported as hung (it would otherwise block the bench)."""
 
 
 @dataclass
@@ -57,6 +62,13 @@ def configurations(ranks: int, quick: bool) -> list[Config]:
     return rows
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (a fixed one can linger in TIME_WAIT between launches)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(cfg: Config, job_path: str, sets: list[str], run_dir: Path, steps: int,
            threads: int) -> list[float]:
     """One launch; returns the wall-clock seconds after each completed step."""
@@ -69,9 +81,13 @@ def launch(cfg: Config, job_path: str, sets: list[str], run_dir: Path, steps: in
         cmd = [sys.executable, "-m", "hvdllm.bench_ddp", job_path, str(run_dir / "ddp.json"), *set_args]
     else:
         cmd = [str(Path(sys.executable).parent / "hvdllm"), "train", job_path, *set_args]
-    env = dict(os.environ, **MPI_ENV, MASTER_PORT=str(29500 + os.getpid() % 400))
+    env = dict(os.environ, **MPI_ENV, MASTER_PORT=str(free_port()))  # DDP's rendezvous
     full = ["mpirun", "-np", str(cfg.ranks), *cmd]
-    p = subprocess.run(full, env=env, capture_output=True, text=True)
+    try:
+        p = subprocess.run(full, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"bench launch hung for {LAUNCH_TIMEOUT_S} s ({cfg.name}): "
+                           f"{shlex.join(full)}") from None
     if p.returncode != 0:
         raise RuntimeError(f"bench launch failed ({cfg.name}): {shlex.join(full)}\n{p.stderr[-3000:]}")
     if cfg.peer:

@@ -381,7 +381,8 @@ def test_term_to_the_job_steps_also_checkpoints_and_requeues(cluster, jobs):
 @needs_slurm
 def test_plain_scancel_is_not_requeued(cluster, jobs):
     job = jobs["cancel-srun"]
-    assert job.returncode != 0 and not job.error, job.describe()
+    # (sbatch --wait's own status for a cancelled job depends on when the cancel lands: 0 or not)
+    assert job.returncode is not None and not job.error, job.describe()
     info = cluster.show_job(job.job_id)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
     assert "requeueing" not in job.log("out")

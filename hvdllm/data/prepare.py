@@ -80,7 +80,7 @@ def _encode(tok, docs: list[Document], dtype: str, desc: str, chunk: int = 256) 
 
 
 def load_prepared(job: JobConfig) -> PreparedData:
-    """Open prepared data, or raise ValueError saying why it cannot be used for this job."""
+    """Open prepared data, or raise UserError saying why it cannot be used for this job."""
     meta_path = job.data_dir / "meta.json"
     if not meta_path.is_file():
         raise UserError(f"no prepared data in {job.data_dir}; run: hvdllm prepare JOB.toml")

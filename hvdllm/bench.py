@@ -23,6 +23,7 @@ from pathlib import Path
 
 from hvdllm.config import load_job
 from hvdllm.data import prepare
+from hvdllm.errors import UserError
 from hvdllm.log import logger
 
 # OpenMPI as root, more ranks than cores, and yielding instead of busy polling (docs/launching.md)
@@ -46,19 +47,21 @@ class Config:
     """Name of the row this one's ratio is taken against."""
 
 
-def configurations(ranks: int, quick: bool) -> list[Config]:
-    base, bf16 = "1 rank fp32", "1 rank bf16"
-    dp, peer = f"{ranks} ranks Horovod", f"{ranks} ranks torch DDP"
-    rows = [Config(base, 1), Config(bf16, 1, ["precision.dtype=bf16"], baseline=base),
-            Config(peer, ranks, peer=True, baseline=base),
+def configurations(ranks: int, quick: bool, dtype: str) -> list[Config]:
+    """The rows: both precisions on one rank; then, at the job's precision, Horovod and the DDP
+    peer on `ranks` ranks and 2-stage pipelines, each with the row it is compared against."""
+    one = f"1 rank {dtype}"
+    dp, peer = f"{ranks} ranks Horovod {dtype}", f"{ranks} ranks torch DDP {dtype}"
+    rows = [Config("1 rank fp32", 1, ["precision.dtype=fp32"]),
+            Config("1 rank bf16", 1, ["precision.dtype=bf16"], baseline="1 rank fp32"),
+            Config(peer, ranks, peer=True, baseline=one),
             Config(dp, ranks, baseline=peer),
-            Config(f"{ranks} ranks Horovod fp16 compression", ranks,
-                   ["parallel.compression=fp16"], baseline=dp)]
+            Config(f"{dp} fp16 compression", ranks, ["parallel.compression=fp16"], baseline=dp)]
     for m in ((4,) if quick else (2, 4, 8)):
         for schedule in ("gpipe", "1f1b"):
-            rows.append(Config(f"pipeline P=2 {schedule} m={m}", 2,
+            rows.append(Config(f"pipeline P=2 {schedule} m={m} {dtype}", 2,
                                ["parallel.pipeline_stages=2", f"parallel.schedule={schedule}",
-                                f"parallel.micro_batches={m}"], baseline=base))
+                                f"parallel.micro_batches={m}"], baseline=one))
     return rows
 
 
@@ -130,7 +133,9 @@ def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool
     threads = job.training.threads or max(1, (os.cpu_count() or 1) // ranks)
     out.mkdir(parents=True, exist_ok=True)
     prepare(job)  # once, before any launch
-    configs = configurations(ranks, quick)
+    if job.precision.dtype == "fp16":
+        raise UserError("hvdllm bench compares fp32 and bf16 rows: set precision.dtype to one of them")
+    configs = configurations(ranks, quick, job.precision.dtype)
     results: dict[str, dict] = {c.name: {"step_s": [], "bubble": [], "overhead": []} for c in configs}
     start = time.time()
     for r in range(repeats):

@@ -75,6 +75,7 @@ def main(argv: list[str]) -> None:
         optimizer.step()
         optimizer.zero_grad()
         elapsed.append(time.perf_counter() - start)
+    dist.barrier()  # both ranks done before either leaves
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"elapsed_s": elapsed, "loss": float(loss)}, f)

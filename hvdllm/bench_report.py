@@ -29,11 +29,13 @@ def summarise(job: JobConfig, configs: list, results: dict, ranks: int, threads:
 
     tokens_per_step = job.training.global_batch_size * job.data.seq_len
     base_info = results[configs[0].name].get("info", {})
+    same_dtype_one = f"1 rank {job.precision.dtype}"
     rows = []
     for cfg in configs:
         res = results[cfg.name]
         step_s = statistics.median(res["step_s"])
-        info = res.get("info") or base_info  # the DDP peer runs the baseline's model and dtype
+        # The DDP peer runs the model and dtype of its 1-rank baseline: use that row's numbers.
+        info = res.get("info") or results[cfg.baseline].get("info", {})
         tps = tokens_per_step / step_s
         row = {"name": cfg.name, "ranks": cfg.ranks, "tokens_per_s": tps, "step_ms": 1000 * step_s,
                "step_ms_repeats": [1000 * s for s in res["step_s"]], "baseline": cfg.baseline,
@@ -49,7 +51,7 @@ def summarise(job: JobConfig, configs: list, results: dict, ranks: int, threads:
     by_name = {r["name"]: r for r in rows}
     for r in rows:
         r["ratio"] = r["tokens_per_s"] / by_name[r["baseline"]]["tokens_per_s"] if r["baseline"] else 1.0
-    one = by_name[configs[0].name]["tokens_per_s"]
+    one = by_name[same_dtype_one]["tokens_per_s"]
     scaling = {r["name"]: r["tokens_per_s"] / (r["ranks"] * one)
                for r in rows if r["ranks"] > 1 and "pipeline" not in r["name"]}
     return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": _cores(),
@@ -85,7 +87,8 @@ def markdown(s: dict) -> str:
         lines.append(f"| {r['name']} | {r['ranks']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
                      f"{r['ratio']:.2f} | {r['baseline'] or '-'} | {mfu} | {bubble} | {payload} "
                      f"| {overhead} |")
-    lines += ["", "Scaling efficiency (N-rank tokens/s ÷ (N x 1-rank fp32 tokens/s), same threads per rank):", ""]
+    lines += ["", "Scaling efficiency (N-rank tokens/s ÷ (N x 1-rank tokens/s), same dtype and threads "
+              "per rank):", ""]
     lines += [f"- {name}: {eff:.2f}" for name, eff in s["scaling_efficiency"].items()]
     lines += ["", "Overhead: share of each step's wall-clock time spent outside the training step "
               "(logging, metrics, TensorBoard, the preemption check); the DDP peer has none of these."]

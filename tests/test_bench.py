@@ -13,13 +13,14 @@ def test_bench_quick_writes_all_reports(tmp_path, tiny_data):
                    "--set", f"data.dir={tiny_data}"), timeout=600)
     summary = json.loads((out / "bench.json").read_text())
     names = [r["name"] for r in summary["rows"]]
-    assert names[:5] == ["1 rank fp32", "1 rank bf16", "2 ranks torch DDP", "2 ranks Horovod",
-                         "2 ranks Horovod fp16 compression"]
-    assert {"pipeline P=2 gpipe m=4", "pipeline P=2 1f1b m=4"} <= set(names)
+    assert names[:5] == ["1 rank fp32", "1 rank bf16", "2 ranks torch DDP fp32",
+                         "2 ranks Horovod fp32", "2 ranks Horovod fp32 fp16 compression"]
+    assert {"pipeline P=2 gpipe m=4 fp32", "pipeline P=2 1f1b m=4 fp32"} <= set(names)
     for row in summary["rows"]:
         assert row["tokens_per_s"] > 0 and len(row["step_ms_repeats"]) == 2
     hvd, fp16 = summary["rows"][3], summary["rows"][4]
     assert fp16["allreduce_payload_bytes"] * 2 == hvd["allreduce_payload_bytes"] > 0  # counted
     assert all(0 <= r["bubble"] < 1 for r in summary["rows"] if "bubble" in r)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| 2 ranks Horovod |" in (out / "bench.md").read_text() and "| 2 ranks Horovod |" in p.stdout
+    assert "| 2 ranks Horovod fp32 |" in (out / "bench.md").read_text()
+    assert "| 2 ranks Horovod fp32 |" in p.stdout

@@ -132,7 +132,8 @@ def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool
     repeats, steps, warmup = repeats or (2 if quick else 3), steps or (6 if quick else 20), warmup or 2
     threads = job.training.threads or max(1, (os.cpu_count() or 1) // ranks)
     out.mkdir(parents=True, exist_ok=True)
-    prepare(job)  # once, before any launch
+    prepare(job)  # once, before any launch; every launch reads these tokens
+    sets = [*sets, f"data.dir={job.data_dir.resolve()}"]
     if job.precision.dtype == "fp16":
         raise UserError("hvdllm bench compares fp32 and bf16 rows: set precision.dtype to one of them")
     configs = configurations(ranks, quick, job.precision.dtype)

@@ -7,10 +7,11 @@ import json
 from conftest import TINY, hvdllm, run
 
 
-def test_bench_quick_writes_all_reports(tmp_path, tiny_data):
+def test_bench_quick_writes_all_reports(tmp_path):
     out = tmp_path / "bench"
+    # No data.dir: the bench prepares <run.dir>/data once and points every launch at it.
     p = run(hvdllm("bench", TINY, "--quick", "--steps", "3", "--out", out,
-                   "--set", f"data.dir={tiny_data}"), timeout=600)
+                   "--set", f"run.dir={tmp_path / 'run'}"), timeout=600)
     summary = json.loads((out / "bench.json").read_text())
     names = [r["name"] for r in summary["rows"]]
     assert names[:5] == ["1 rank fp32", "1 rank bf16", "2 ranks torch DDP fp32",

@@ -116,10 +116,9 @@ def timed_rows(run_dir: Path, warmup: int) -> list[dict]:
     return [r for r in rows if "loss" in r][warmup:-1]
 
 
-def framework_overhead(run_dir: Path, warmup: int) -> float:
+def framework_overhead(rows: list[dict]) -> float:
     """Share of wall-clock time per step spent outside the training step itself (data is inside
     it): logging, metrics files, TensorBoard, the preemption check, the loop."""
-    rows = timed_rows(run_dir, warmup)
     wall = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
     inside = sum(r["step_ms"] for r in rows[1:]) / 1000
     return max(0.0, 1 - inside / wall)
@@ -149,7 +148,7 @@ def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool
                 rows = timed_rows(run_dir, warmup)
                 if "bubble" in rows[0]:
                     results[cfg.name]["bubble"].append(statistics.median(r["bubble"] for r in rows))
-                results[cfg.name]["overhead"].append(framework_overhead(run_dir, warmup))
+                results[cfg.name]["overhead"].append(framework_overhead(rows))
             logger.info("bench %d/%d %-40s %.1f ms/step", r + 1, repeats, cfg.name,
                         1000 * results[cfg.name]["step_s"][-1])
     from hvdllm.bench_report import summarise, write_reports

@@ -398,8 +398,3 @@ def dump_toml(job: JobConfig) -> str:
             lines.append(f"{f.name} = {_toml_value(getattr(getattr(job, section), f.name))}")
         lines.append("")
     return "\n".join(lines)
-
-
-def as_dict(job: JobConfig) -> dict[str, dict[str, Any]]:
-    return dataclasses.asdict(job)
-

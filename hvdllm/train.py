@@ -30,7 +30,12 @@ from hvdllm.log import logger, setup_logging
 from hvdllm.metrics import MetricsWriter, measure_peak_tflops
 from hvdllm.model import build_model, count_parameters, flops_per_token
 from hvdllm.optim import LRSchedule, build_optimizer, clip_gradients, global_grad_norm, scaled_peak_lr, set_lr
-from hvdllm.parallel.data_parallel import barrier, broadcast_parameters, distributed_optimizer
+from hvdllm.parallel.data_parallel import (
+    barrier,
+    broadcast_parameters,
+    compression_for,
+    distributed_optimizer,
+)
 from hvdllm.parallel.pipeline import PipelineRunner, PointToPoint, StepResult, sync_tied_gradient
 from hvdllm.parallel.schedules import bubble_fraction
 from hvdllm.parallel.stages import Stage, partition_for
@@ -61,6 +66,8 @@ class Trainer:
     skipped_steps: int = 0
     """Steps skipped because a gradient overflowed (fp16)."""
     params: list = field(default_factory=list)
+    val_batches: list = field(default_factory=list)
+    """This replica's validation windows (cut at the first evaluation)."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -143,7 +150,7 @@ def setup(job: JobConfig, resume: str | None) -> Trainer:
                         check_overflow=job.parallel.compression == "fp16")
     if saved:
         scaler.load_state_dict(saved["scaler"])
-    p2p = PointToPoint(topo.pipe_comm, topo.stage, topo.waiting) if topo.stages > 1 else None
+    p2p = PointToPoint(topo.pipe_comm, topo.waiting) if topo.stages > 1 else None
     runner = PipelineRunner(stage, topo.stage, topo.stages, job.parallel.schedule, m, p2p, device,
                             lambda: autocast(job.precision.dtype, device), scaler.scale_loss)
     peak = job.precision.peak_tflops or measure_peak_tflops(job.precision.dtype, device)
@@ -232,12 +239,13 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(t: Trainer) -> dict[str, float]:
     """Mean validation loss over fixed windows, averaged over replicas; perplexity = exp(loss)."""
-    val = TokenReader(t.data.tokens("val"), t.job.data.seq_len, t.job.training.global_batch_size,
-                      t.job.run.seed)
+    if not t.val_batches:  # the same windows at every evaluation: cut them once
+        val = TokenReader(t.data.tokens("val"), t.job.data.seq_len,
+                          t.job.training.global_batch_size, t.job.run.seed)
+        t.val_batches = val.eval_batches(t.job.training.eval_batches, t.topo.replica,
+                                         t.topo.replicas, t.micro_batch_size)
     t.model.eval()
-    batches = val.eval_batches(t.job.training.eval_batches, t.topo.replica, t.topo.replicas,
-                               t.micro_batch_size)
-    total, count = t.runner.evaluate(batches)
+    total, count = t.runner.evaluate(t.val_batches)
     total, count = t.topo.from_last_stage(total), t.topo.from_last_stage(count)
     # Distributed: sums of losses and windows over the replicas -> the mean over all windows.
     with t.topo.waiting("the other replicas' evaluation"):
@@ -277,7 +285,7 @@ def write_run_info(t: Trainer) -> None:
     """run_dir/run_info.json: the numbers behind the metrics (for `hvdllm bench` and readers)."""
     topo = t.topo
     # Bytes each rank hands to the all-reduce per step, counted from what the compressor emits.
-    compressed = t.optimizer._compression.compress(torch.zeros(1))[0]
+    compressed = compression_for(t.job.parallel.compression).compress(torch.zeros(1))[0]
     payload = sum(p.numel() for p in t.params) * compressed.element_size() if topo.replicas > 1 else 0
     info = {"world": topo.world, "stages": topo.stages, "replicas": topo.replicas,
             "micro_batches": t.micro_batches, "micro_batch_size": t.micro_batch_size,

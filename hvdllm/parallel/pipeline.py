@@ -32,9 +32,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class PointToPoint:
     """Dtype-exact tensor messages to the previous/next stage on the pipeline communicator."""
 
-    def __init__(self, comm, stage: int,
-                 waiting: Callable[[str], contextlib.AbstractContextManager]) -> None:
-        self.comm, self.stage, self.waiting = comm, stage, waiting  # waiting: the watchdog guard
+    def __init__(self, comm, waiting: Callable[[str], contextlib.AbstractContextManager]) -> None:
+        self.comm, self.waiting = comm, waiting  # waiting: the watchdog guard
         self.pending: list = []  # (request, buffers) of sends in flight
         self.wait_s = 0.0  # time spent blocked in receives (the measured bubble)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hvdllm.errors import UserError
+from hvdllm.layout import check_batch_settings
 
 
 class ConfigError(UserError):
@@ -78,9 +79,11 @@ class TrainingConfig:
     steps: int = 100
     """Optimizer steps to train."""
     micro_batch_size: int = 4
-    """Sequences per forward/backward pass on one rank."""
+    """Sequences per forward/backward pass on one rank; 0 derives it from parallel.micro_batches
+    (global_batch_size / (micro_batches x replicas))."""
     global_batch_size: int = 8
-    """Sequences per optimizer step over all replicas; = micro_batch_size x accumulation x replicas."""
+    """Sequences per optimizer step over all replicas; = micro_batch_size x micro-batches x
+    replicas, whatever the layout."""
     log_every: int = 10
     """Log a line, metrics.jsonl and TensorBoard scalars every this many steps."""
     eval_every: int = 0
@@ -147,8 +150,9 @@ class ParallelConfig:
     pipeline_stages: int = 1
     """Pipeline stages P; the world size must be a multiple of P (replicas R = world / P)."""
     micro_batches: int = 0
-    """Pipeline micro-batches per replica per step (m). 0: global_batch_size / (micro_batch_size x
-    replicas). When set with pipeline_stages > 1, micro_batch_size is derived from it instead."""
+    """Micro-batches per replica per step (gradient accumulation; the pipeline's m). 0 derives it:
+    global_batch_size / (micro_batch_size x replicas). Setting both this and
+    training.micro_batch_size fixes the number of replicas the job runs on."""
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
     """Pipeline schedule."""
     stage_layers: list[int] = field(default_factory=list)
@@ -322,12 +326,12 @@ def job_from_toml(text: str) -> JobConfig:
 
 
 def validate(job: JobConfig) -> None:
-    """Cross-field checks that do not depend on the world size (see accumulation_steps for those)."""
+    """Cross-field checks that do not depend on the world size (hvdllm.layout.plan does those)."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    for section, name in [("training", "steps"), ("training", "micro_batch_size"),
+    for section, name in [("training", "steps"),
                           ("training", "global_batch_size"), ("training", "log_every"),
                           ("data", "seq_len"), ("data", "vocab_size"), ("model", "n_layer"),
                           ("model", "n_embd"), ("model", "n_head"),
@@ -350,10 +354,11 @@ def validate(job: JobConfig) -> None:
     kv = job.model.n_kv_head or job.model.n_head
     need(job.model.n_head % kv == 0, "model.n_head must be a multiple of model.n_kv_head")
     need(0 <= job.model.dropout < 1, "model.dropout must be in [0, 1)")
-    derived_micro = job.parallel.pipeline_stages > 1 and job.parallel.micro_batches > 0
-    need(derived_micro or job.training.global_batch_size % job.training.micro_batch_size == 0,
-         f"training.global_batch_size ({job.training.global_batch_size}) must be a multiple of "
-         f"training.micro_batch_size ({job.training.micro_batch_size})")
+    try:
+        check_batch_settings(job.training.global_batch_size, job.training.micro_batch_size,
+                             job.parallel.micro_batches)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
     if job.parallel.stage_layers:
         need(len(job.parallel.stage_layers) == job.parallel.pipeline_stages,
              "parallel.stage_layers must list one layer count per pipeline stage")
@@ -362,17 +367,6 @@ def validate(job: JobConfig) -> None:
     need(job.parallel.pipeline_stages <= job.model.n_layer,
          f"parallel.pipeline_stages ({job.parallel.pipeline_stages}) exceeds model.n_layer "
          f"({job.model.n_layer}): every stage needs at least one layer")
-
-
-def accumulation_steps(job: JobConfig, replicas: int) -> int:
-    """Micro-batches per replica per step, so that global = micro x accumulation x replicas."""
-    per_step = job.training.micro_batch_size * replicas
-    if job.training.global_batch_size % per_step:
-        raise ConfigError(
-            f"training.global_batch_size ({job.training.global_batch_size}) is not divisible by "
-            f"micro_batch_size x replicas ({job.training.micro_batch_size} x {replicas}); "
-            f"choose a global batch that is a multiple of {per_step}")
-    return job.training.global_batch_size // per_step
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def configurations(ranks: int, quick: bool, dtype: str) -> list[Config]:
         for schedule in ("gpipe", "1f1b"):
             rows.append(Config(f"pipeline P=2 {schedule} m={m} {dtype}", 2,
                                ["parallel.pipeline_stages=2", f"parallel.schedule={schedule}",
-                                f"parallel.micro_batches={m}"], baseline=one))
+                                f"parallel.micro_batches={m}", "training.micro_batch_size=0"], baseline=one))
     return rows
 
 

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from hvdllm.config import accumulation_steps, load_job
+from hvdllm.config import load_job
+from hvdllm.layout import job_layout
 from hvdllm.data import TokenReader, load_prepared
 from hvdllm.model import build_model
 from hvdllm.optim import LRSchedule, build_optimizer, clip_gradients, global_grad_norm, set_lr
@@ -56,7 +57,8 @@ def main(argv: list[str]) -> None:
     ddp = DistributedDataParallel(model)
     optimizer = build_optimizer(model, job.optim, job.optim.lr)
     schedule = LRSchedule(job.optim, job.optim.lr, job.training.steps)
-    accumulation, mbs = accumulation_steps(job, world), job.training.micro_batch_size
+    layout = job_layout(job, world)
+    accumulation, mbs = layout.micro_batches, layout.micro_batch_size
     elapsed, start = [], time.perf_counter()
     for step in range(job.training.steps):
         ddp.train()

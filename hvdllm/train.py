@@ -23,9 +23,10 @@ import horovod.torch as hvd
 import torch
 
 from hvdllm import checkpoint
-from hvdllm.config import ConfigError, JobConfig, accumulation_steps, dump_toml
+from hvdllm.config import JobConfig, dump_toml
 from hvdllm.data import PreparedData, TokenReader, load_prepared, prepare
 from hvdllm.errors import UserError
+from hvdllm.layout import job_layout
 from hvdllm.log import logger, setup_logging
 from hvdllm.metrics import MetricsWriter, measure_peak_tflops
 from hvdllm.model import build_model, count_parameters, flops_per_token
@@ -97,17 +98,6 @@ def prepared_data(job: JobConfig, topo: Topology) -> PreparedData:
     return load_prepared(job)
 
 
-def micro_batching(job: JobConfig, replicas: int) -> tuple[int, int]:
-    """(micro-batches per replica per step, sequences per micro-batch)."""
-    m = job.parallel.micro_batches
-    if job.parallel.pipeline_stages > 1 and m:
-        if job.training.global_batch_size % (m * replicas):
-            raise ConfigError(f"training.global_batch_size ({job.training.global_batch_size}) is not "
-                              f"divisible by parallel.micro_batches x replicas ({m} x {replicas})")
-        return m, job.training.global_batch_size // (m * replicas)
-    return accumulation_steps(job, replicas), job.training.micro_batch_size
-
-
 def build_stage(job: JobConfig, topo: Topology, vocab_size: int) -> tuple[Stage, float]:
     """This rank's stage of the model (the whole model with one stage) and FLOPs per token."""
     model = build_model(job.model, vocab_size, job.data.seq_len, job.run.seed)
@@ -120,12 +110,12 @@ def build_stage(job: JobConfig, topo: Topology, vocab_size: int) -> tuple[Stage,
 
 
 def setup(job: JobConfig, resume: str | None) -> Trainer:
-    topo = init_distributed(job.parallel.pipeline_stages, job.parallel.peer_timeout_s)
+    topo = init_distributed(lambda world: job_layout(job, world), job.parallel.peer_timeout_s)
     setup_logging(topo.rank)
     device = pick_device(topo, job.training.threads)
     logger.info("%s", topo.describe())
     data = prepared_data(job, topo)
-    m, mbs = micro_batching(job, topo.replicas)
+    m, mbs = topo.layout.micro_batches, topo.layout.micro_batch_size
     reader = TokenReader(data.tokens("train"), job.data.seq_len, job.training.global_batch_size,
                          job.run.seed)
     stage, fpt = build_stage(job, topo, data.meta["vocab_size"])

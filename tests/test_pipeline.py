@@ -70,7 +70,7 @@ def test_gradient_parity_per_stage(tiny_args, tmp_path):
 
 
 def test_gpipe_and_1f1b_agree_and_1f1b_holds_at_most_P(tiny_args, tmp_path):
-    m8 = ("parallel.micro_batches=8",)
+    m8 = ("parallel.micro_batches=8", "training.micro_batch_size=0")
     train_layout(tiny_args, "gpipe", 2, 2, "parallel.schedule=gpipe", *m8)
     train_layout(tiny_args, "1f1b", 2, 2, "parallel.schedule=1f1b", *m8)
     assert train_losses(tmp_path / "gpipe") == train_losses(tmp_path / "1f1b")  # same arithmetic

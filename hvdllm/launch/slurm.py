@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvdllm.config import ConfigError, JobConfig, SlurmConfig, accumulation_steps
+from hvdllm.config import ConfigError, JobConfig, SlurmConfig
+from hvdllm.layout import LayoutError, job_layout
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 """slurm/ in the source tree: one template per launcher, <launcher>.sbatch."""
@@ -148,14 +149,12 @@ def _check_layout(job: JobConfig) -> None:
     s, stages = job.slurm, job.parallel.pipeline_stages
     world = s.nodes * s.tasks_per_node
     where = f"slurm: {s.nodes} node(s) x {s.tasks_per_node} task(s) = {world} ranks: "
-    if world % stages:
-        raise ConfigError(f"{where}not a multiple of parallel.pipeline_stages ({stages})")
     if s.launcher == "horovodrun" and stages > 1:
         raise ConfigError(f"{where}pipeline stages need MPI; use launcher srun or mpirun, "
                           f"not horovodrun (Gloo)")
     try:
-        accumulation_steps(job, world // stages)
-    except ConfigError as e:
+        job_layout(job, world)  # the same rule `hvdllm train` applies on start
+    except LayoutError as e:
         raise ConfigError(where + str(e)) from None
 
 

@@ -1,7 +1,7 @@
-"""The rank grid: P pipeline stages x R data-parallel replicas over the world.
+"""The rank grid at run time: communicators and Horovod process sets for P stages x R replicas.
 
-Rank r sits at stage r % P of replica r // P, so a replica's stages are neighbouring ranks and a
-node holds whole pipelines where it can:
+The arithmetic (which rank is which stage and replica) is hvdllm.layout's; here it becomes
+communicators. Rank r sits at stage r % P of replica r // P:
 
     stage:        0   1   2   3        (P = 4, R = 2, world = 8)
     replica 0:    0   1   2   3   <- pipeline communicator of replica 0
@@ -20,22 +20,22 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import horovod.torch as hvd
 import torch
 
 from hvdllm.errors import UserError
 from hvdllm.launch.checks import check_launch
+from hvdllm.layout import Layout
 from hvdllm.parallel.watchdog import Watchdog
 
 
 @dataclass
 class Topology:
+    layout: Layout
+    """The job's layout on this world (stages, replicas, micro-batches)."""
     rank: int
-    world: int
-    stages: int
-    replicas: int
     stage: int
     replica: int
     local_rank: int
@@ -53,6 +53,18 @@ class Topology:
     """mpi4py communicator of this replica's first and last stage (for tied embeddings; P > 1)."""
     watchdog: Watchdog | None = None
     """Ends the job when a wait on other ranks exceeds the peer timeout."""
+
+    @property
+    def world(self) -> int:
+        return self.layout.world
+
+    @property
+    def stages(self) -> int:
+        return self.layout.stages
+
+    @property
+    def replicas(self) -> int:
+        return self.layout.replicas
 
     def waiting(self, what: str) -> contextlib.AbstractContextManager:
         """Guard a blocking wait on other ranks with the watchdog."""
@@ -102,26 +114,7 @@ class Topology:
                                        process_set=self.process_set)[0])
 
     def describe(self) -> str:
-        rows = [" ".join(f"{r * self.stages + s:>3}" for s in range(self.stages))
-                for r in range(self.replicas)]
-        return (f"{self.world} rank(s) = {self.stages} stage(s) x {self.replicas} replica(s); "
-                f"rank = replica x {self.stages} + stage:\n" +
-                "\n".join(f"  replica {r}: ranks {row}" for r, row in enumerate(rows)))
-
-
-def grid_position(rank: int, stages: int) -> tuple[int, int]:
-    """(stage, replica) of a world rank."""
-    return rank % stages, rank // stages
-
-
-def stage_ranks(stage: int, stages: int, world: int) -> list[int]:
-    return list(range(stage, world, stages))
-
-
-def check_world(world: int, stages: int) -> None:
-    if world % stages:
-        raise UserError(f"world size {world} is not a multiple of parallel.pipeline_stages "
-                         f"({stages}); launch a multiple of {stages} ranks")
+        return self.layout.describe()
 
 
 def launched_with_gloo() -> bool:
@@ -129,16 +122,19 @@ def launched_with_gloo() -> bool:
     return os.environ.get("HOROVOD_CONTROLLER") == "gloo"
 
 
-def init_distributed(stages: int, peer_timeout_s: float = 300.0) -> Topology:
-    """Initialise Horovod (on top of mpi4py's MPI unless launched by Gloo) and build the grid."""
+def init_distributed(layout_for: Callable[[int], Layout], peer_timeout_s: float = 300.0) -> Topology:
+    """Initialise Horovod (on top of mpi4py's MPI unless launched by Gloo) and build the grid.
+
+    layout_for(world size) gives the job's layout (hvdllm.layout), or raises saying why not.
+    """
     check_launch(os.environ, mpi_built=hvd.mpi_built(), gloo_built=hvd.gloo_built())
     if launched_with_gloo():
-        if stages > 1:
+        hvd.init()
+        layout = layout_for(hvd.size())
+        if layout.stages > 1:
             raise UserError("pipeline stages need MPI point-to-point messages: launch with mpirun, "
                              "srun or horovodrun --mpi instead of horovodrun --gloo")
-        hvd.init()
-        return Topology(rank=hvd.rank(), world=hvd.size(), stages=1, replicas=hvd.size(), stage=0,
-                        replica=hvd.rank(), local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+        return Topology(layout=layout, rank=hvd.rank(), stage=0, replica=hvd.rank(), local_rank=hvd.local_rank(), local_size=hvd.local_size(),
                         process_set=hvd.global_process_set,
                         watchdog=_watchdog(hvd.rank(), 0, hvd.rank(), peer_timeout_s))
 
@@ -146,8 +142,9 @@ def init_distributed(stages: int, peer_timeout_s: float = 300.0) -> Topology:
 
     world_comm = MPI.COMM_WORLD
     rank, world = world_comm.Get_rank(), world_comm.Get_size()
-    check_world(world, stages)
-    stage, replica = grid_position(rank, stages)
+    layout = layout_for(world)
+    stages = layout.stages
+    stage, replica = layout.position(rank)
     # Comm.Split: ranks with the same color share a communicator; key orders them inside it.
     stage_comm = world_comm.Split(color=stage, key=replica)
     pipe_comm = world_comm.Split(color=replica, key=stage)
@@ -158,11 +155,10 @@ def init_distributed(stages: int, peer_timeout_s: float = 300.0) -> Topology:
         hvd.init(comm=world_comm)
         process_set = hvd.global_process_set
     else:
-        sets = [hvd.ProcessSet(stage_ranks(s, stages, world)) for s in range(stages)]
+        sets = [hvd.ProcessSet(layout.stage_ranks(s)) for s in range(stages)]
         hvd.init(comm=world_comm, process_sets=sets)
         process_set = sets[stage]
-    return Topology(rank=rank, world=world, stages=stages, replicas=world // stages, stage=stage,
-                    replica=replica, local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+    return Topology(layout=layout, rank=rank, stage=stage, replica=replica, local_rank=hvd.local_rank(), local_size=hvd.local_size(),
                     process_set=process_set, stage_comm=stage_comm, pipe_comm=pipe_comm,
                     world_comm=world_comm,
                     embed_comm=embed_comm if embed_comm != MPI.COMM_NULL else None,

@@ -65,16 +65,34 @@ class MetricsWriter:
         # TensorBoard drops events of steps older than a restart's first step (purge_step).
         self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.tb.add_text("job", "```toml\n" + job_toml + "\n```", 0)
+        self._val: tuple[int, float, float] | None = None
+        """(step, val_loss, val_ppl) of the latest evaluation logged, for the console."""
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        """Write the step's values to metrics.jsonl and TensorBoard.
+
+        An evaluation is also shown on the console: by `console` right after the step's training
+        line, or here, on its own line, when the step has no training loss (no console call).
+        """
         record = {"step": step, **{k: v for k, v in values.items() if v is not None}}
         self.jsonl.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step":
                 self.tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}",
                                    value, step)
+        if "val_loss" in record:
+            self._val = (step, record["val_loss"], record["val_ppl"])
+            if "loss" not in record:
+                logger.info(self._val_line())
+
+    def _val_line(self) -> str:
+        """`step N/T | val loss X | ppl Y` for the latest evaluation logged."""
+        step, loss, ppl = self._val
+        return f"step {step:>6}/{self.total_steps} | val loss {loss:.4f} | ppl {ppl:.2f}"
 
     def console(self, step: int, m: dict[str, float], elapsed_s: float, done_steps: int) -> None:
+        """The training line of a step with a training loss (after `log` of the same step),
+        followed by its validation line when the step evaluated."""
         remaining = (self.total_steps - step) * elapsed_s / max(done_steps, 1)
         line = (f"step {step:>6}/{self.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
                 f"{m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}% | "
@@ -84,6 +102,8 @@ class MetricsWriter:
         if "bubble" in m:
             line += f" | bubble {100 * m['bubble']:.0f}% (theory {100 * m['bubble_theory']:.0f}%)"
         logger.info(line)
+        if self._val is not None and self._val[0] == step:  # evaluated at this step: show it
+            logger.info(self._val_line())
 
     def close(self) -> None:
         self.jsonl.close()

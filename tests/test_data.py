@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from transformers import AutoTokenizer
 
 from hvdllm.config import load_job
 from hvdllm.data import TokenReader, load_prepared, prepare
-from hvdllm.data.sources import source_files
+from hvdllm.data.prepare import _split
+from hvdllm.data.sources import iter_documents, resolve_source, source_files
 from hvdllm.data.tokenizer import train_bpe
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -25,6 +27,18 @@ def test_stdlib_source_has_the_standard_library():
     assert all("site-packages" not in f.parts for f in source_files("python-stdlib/email"))
     with pytest.raises(ValueError, match="matches no"):
         source_files(str(STDLIB / "no-such-dir" / "*.py"))
+
+
+def test_default_corpus_is_python_code_not_tables_or_tests():
+    names = {f.relative_to(STDLIB).as_posix() for f in source_files("python-stdlib")}
+    assert {"json/decoder.py", "argparse.py", "email/parser.py", "unittest/mock.py"} <= names
+    for left_out in ("encodings/", "test/", "idlelib/", "pydoc_data/", "unittest/test/"):
+        assert not any(n.startswith(left_out) for n in names), left_out
+    assert "html/entities.py" not in names and "stringprep.py" not in names
+    assert not any(n.startswith("_sysconfigdata_") for n in names)
+    # Naming an excluded package takes it whole; tests below a named package stay out.
+    assert STDLIB / "encodings" / "cp1252.py" in source_files("python-stdlib/encodings")
+    assert not any("test" in f.parts for f in source_files("python-stdlib/unittest"))
 
 
 def test_bpe_round_trip_on_stdlib_text():
@@ -76,6 +90,80 @@ def test_jsonl_source_and_bad_lines(tmp_path):
     p = run(hvdllm("prepare", TINY, "--set", f"data.source={src}", "--set",
                    f"data.dir={tmp_path / 'e'}"), check=False)
     assert p.returncode == 2 and 'c.jsonl:1: expected a JSON object with a "text" field' in p.stderr
+
+
+def write_shards(corpus: Path) -> None:
+    """Three .jsonl shards (one in a subdirectory) and a file that is not a shard."""
+    (corpus / "sub").mkdir(parents=True)
+    for name, first in (("b.jsonl", 10), ("a.jsonl", 0), ("sub/c.jsonl", 20)):
+        (corpus / name).write_text("".join(json.dumps({"text": f"shard doc {i} " * 30}) + "\n"
+                                           for i in range(first, first + 10)))
+    (corpus / "notes.csv").write_text("not,a,shard\n")
+
+
+def test_directory_and_glob_of_jsonl_shards(tmp_path):
+    corpus = tmp_path / "corpus"
+    write_shards(corpus)
+    whole = resolve_source(str(corpus))
+    assert [whole.name_of(f) for f in whole.files] == ["a.jsonl", "b.jsonl", "sub/c.jsonl"]
+    docs = list(iter_documents(whole))
+    assert [d.name for d in docs[:2]] == ["a.jsonl:1", "a.jsonl:2"] and len(docs) == 30
+    assert docs[10].text.startswith("shard doc 10 ")  # sorted file order, lines in order
+    top = list(iter_documents(resolve_source(f"{corpus}/*.jsonl")))
+    assert [d.name for d in top] == [d.name for d in docs[:20]]
+    # Names are relative to the source, so a moved corpus splits the same way.
+    moved = tmp_path / "elsewhere" / "corpus"
+    shutil.copytree(corpus, moved)
+    job = load_job(TINY, [f"data.source={moved}/**/*.jsonl", f"data.dir={tmp_path / 'd'}",
+                          "data.vocab_size=300"])
+    moved_docs = list(iter_documents(resolve_source(job.data.source)))
+    assert [d.name for d in moved_docs] == [d.name for d in docs]
+    assert [d.name for d in _split(moved_docs, job)[1]] == [d.name for d in _split(docs, job)[1]]
+    meta = prepare(job).meta
+    assert meta["files"] == 3 and meta["train"]["documents"] + meta["val"]["documents"] == 30
+
+
+def prepared_then_source_deleted(tmp_path: Path) -> tuple[list[str], Path]:
+    """Prepare a copy of python-stdlib/json, then delete the copy; returns (--set values, data dir)."""
+    corpus, data = tmp_path / "corpus", tmp_path / "data"
+    shutil.copytree(STDLIB / "json", corpus, ignore=shutil.ignore_patterns("__pycache__"))
+    sets = [f"data.source={corpus}", "data.vocab_size=300", f"data.dir={data}"]
+    prepare(load_job(TINY, sets))
+    shutil.rmtree(corpus)  # like a compute node that has only the prepared directory
+    return sets, data
+
+
+def test_loading_needs_only_the_prepared_directory(tmp_path):
+    sets, data = prepared_then_source_deleted(tmp_path)
+    job = load_job(TINY, sets)
+    prepared = load_prepared(job)
+    assert prepared.meta == json.loads((data / "meta.json").read_text())
+    assert TokenReader(prepared.tokens("train"), 64, 8, 0).micro_batch(0, 0, 0, 8, 1)[0].shape == (8, 64)
+    job.data.vocab_size = 320  # a job that does not fit the prepared tokens is refused
+    with pytest.raises(ValueError, match="data.vocab_size is 300 there, 320 in the job; run: hvdllm prepare"):
+        load_prepared(job)
+    with pytest.raises(ValueError, match="matches no"):  # prepare does read the source
+        prepare(job)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(ValueError, match="has format 1, this hvdllm reads format 2"):
+        load_prepared(load_job(TINY, sets))
+
+
+@pytest.mark.mpi  # hvdllm train initialises Horovod
+def test_train_without_the_source_shows_val_loss_when_evaluated(tmp_path):
+    sets, _ = prepared_then_source_deleted(tmp_path)
+    p = run(hvdllm("train", TINY, *[a for s in sets for a in ("--set", s)], "--set",
+                   f"run.dir={tmp_path / 'run'}", "--set", "training.steps=3",
+                   "--set", "training.log_every=2", "--set", "training.eval_every=1"))
+    lines = [line.partition("] ")[2] for line in p.stderr.splitlines()]
+    assert any(line.startswith("step      1/3 | val loss ") and "| ppl " in line for line in lines)
+    for step in (2, 3):  # a step with both: its training line, then its validation line
+        i = next(i for i, line in enumerate(lines) if line.startswith(f"step      {step}/3 | loss "))
+        assert lines[i + 1].startswith(f"step      {step}/3 | val loss "), lines[i:i + 2]
+    bad = run(hvdllm("train", TINY, *[a for s in sets for a in ("--set", s)], "--set",
+                     f"run.dir={tmp_path / 'bad'}", "--set", "data.val_fraction=0.2"), check=False)
+    assert bad.returncode == 2 and "data.val_fraction is 0.1 there, 0.2 in the job" in bad.stderr
 
 
 def test_local_tokenizer_directory(tmp_path, tiny_data):

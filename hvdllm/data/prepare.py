@@ -3,8 +3,12 @@
 The output directory holds tokenizer/ (a Hugging Face tokenizer), train.bin and val.bin (uint16
 when the vocabulary fits, else uint32; documents separated by the end-of-text token) and
 meta.json. The whole directory is built under a temporary name and renamed into place, so an
-interrupted run never leaves files that look complete. Re-running with the same inputs and
-settings does nothing; anything different rebuilds.
+interrupted run never leaves files that look complete.
+
+meta.json keeps two things apart: `settings`, the job values that shape the tokens (checked by
+`train` from the job alone, so training needs only this directory), and `inputs`, a fingerprint
+of what `prepare` read (the source files, a given tokenizer). Re-running `prepare` with the same
+settings and inputs does nothing; anything different rebuilds.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import numpy as np
 from tqdm import tqdm
 
 from hvdllm.config import JobConfig
-from hvdllm.data.sources import Document, fingerprint_files, iter_documents, source_files
+from hvdllm.data.sources import Document, Source, fingerprint_files, iter_documents, resolve_source
 from hvdllm.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 from hvdllm.errors import UserError
 from hvdllm.log import logger
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: meta.json holds the job settings and the inputs' fingerprint apart."""
 
 
 @dataclass
@@ -42,13 +47,47 @@ class PreparedData:
         return np.memmap(self.dir / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
 
 
-def _settings_key(job: JobConfig, files: list[Path]) -> str:
+def job_settings(job: JobConfig) -> dict:
+    """The job's values that shape the tokens, read from the job alone (no file is opened).
+
+    `hvdllm train` compares these with meta.json's, so a node that holds only the prepared
+    directory can train. data.seq_len is not among them: windows are cut when training reads.
+    """
     d = job.data
-    settings = [FORMAT_VERSION, d.source, d.tokenizer, d.vocab_size if d.tokenizer == "bpe" else 0,
-                d.val_fraction, job.run.seed, fingerprint_files(files)]
-    if d.tokenizer != "bpe":
-        settings.append(tokenizer_fingerprint(d.tokenizer))
-    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+    return {"data.source": d.source, "data.tokenizer": d.tokenizer,
+            "data.vocab_size": d.vocab_size if d.tokenizer == "bpe" else 0,
+            "data.val_fraction": d.val_fraction, "run.seed": job.run.seed}
+
+
+def inputs_fingerprint(job: JobConfig, source: Source) -> str:
+    """What `prepare` read: the source files (path, size, mtime) and a given tokenizer's file."""
+    parts = [fingerprint_files(source.files)]
+    if job.data.tokenizer != "bpe":
+        parts.append(tokenizer_fingerprint(job.data.tokenizer))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _key(settings: dict, inputs: str) -> str:
+    """The whole key `prepare` compares: format, settings and inputs."""
+    return hashlib.sha256(json.dumps([FORMAT_VERSION, settings, inputs]).encode()).hexdigest()[:16]
+
+
+def _read_meta(data_dir: Path) -> dict | None:
+    path = data_dir / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_settings(meta: dict, job: JobConfig, data_dir: Path) -> None:
+    """Raise UserError (one line) when prepared data was made with other settings than the job's."""
+    fix = "run: hvdllm prepare JOB.toml"
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"prepared data in {data_dir} has format {meta.get('format')}, this hvdllm "
+                        f"reads format {FORMAT_VERSION}; {fix}")
+    prepared = meta.get("settings", {})
+    diffs = [f"{k} is {prepared.get(k)!r} there, {v!r} in the job"
+             for k, v in job_settings(job).items() if prepared.get(k) != v]
+    if diffs:
+        raise UserError(f"prepared data in {data_dir} does not match this job: {'; '.join(diffs)}; {fix}")
 
 
 def _is_val(doc: Document, seed: int, fraction: float) -> bool:
@@ -80,37 +119,36 @@ def _encode(tok, docs: list[Document], dtype: str, desc: str, chunk: int = 256) 
 
 
 def load_prepared(job: JobConfig) -> PreparedData:
-    """Open prepared data, or raise UserError saying why it cannot be used for this job."""
-    meta_path = job.data_dir / "meta.json"
-    if not meta_path.is_file():
+    """Open prepared data, or raise UserError saying why it cannot be used for this job.
+
+    Reads only the prepared directory: the source corpus need not exist on this node. A source
+    that changed since is noticed by `prepare` (which rebuilds), not here.
+    """
+    meta = _read_meta(job.data_dir)
+    if meta is None:
         raise UserError(f"no prepared data in {job.data_dir}; run: hvdllm prepare JOB.toml")
-    meta = json.loads(meta_path.read_text())
-    files = source_files(job.data.source)
-    if meta.get("key") != _settings_key(job, files):
-        raise UserError(f"prepared data in {job.data_dir} does not match this job's [data] section "
-                         f"or its source files changed; run: hvdllm prepare JOB.toml")
+    check_settings(meta, job, job.data_dir)
     return PreparedData(job.data_dir, meta)
 
 
 def prepare(job: JobConfig) -> PreparedData:
     """Build train/val token files for the job (a no-op when they are already up to date)."""
     out = job.data_dir
-    files = source_files(job.data.source)
-    key = _settings_key(job, files)
-    if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()).get("key") == key:
+    source = resolve_source(job.data.source)
+    settings, inputs = job_settings(job), inputs_fingerprint(job, source)
+    key = _key(settings, inputs)
+    old = _read_meta(out)
+    if old is not None and old.get("key") == key:
         logger.info("prepared data in %s is up to date", out)
         return load_prepared(job)
 
     start = time.time()
-    docs = list(iter_documents(files))
+    docs = list(iter_documents(source))
     train_docs, val_docs = _split(docs, job)
-    logger.info("%d documents (%d train, %d val) from %s", len(docs), len(train_docs),
-                len(val_docs), job.data.source)
-    if job.data.tokenizer == "bpe":
-        logger.info("training byte-level BPE, vocab %d", job.data.vocab_size)
-        tok = train_bpe((d.text for d in train_docs), job.data.vocab_size)
-    else:
-        tok = load_tokenizer(job.data.tokenizer)
+    logger.info("%d documents (%d train, %d val) from %s: %d files, %.2f MB", len(docs),
+                len(train_docs), len(val_docs), job.data.source, len(source.files),
+                sum(len(d.text.encode()) for d in docs) / 1e6)
+    tok = _tokenizer(job, train_docs)
     dtype = "uint16" if len(tok) <= 65536 else "uint32"
 
     tmp = out.with_name(out.name + ".tmp")
@@ -122,7 +160,8 @@ def prepare(job: JobConfig) -> PreparedData:
         tokens = _encode(tok, split_docs, dtype, f"tokenizing {split}")
         tokens.tofile(tmp / f"{split}.bin")
         counts[split] = {"documents": len(split_docs), "tokens": int(tokens.size)}
-    meta = {"key": key, "format": FORMAT_VERSION, "source": job.data.source, "dtype": dtype,
+    meta = {"key": key, "format": FORMAT_VERSION, "settings": settings, "inputs": inputs,
+            "source": job.data.source, "files": len(source.files), "dtype": dtype,
             "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
             "tokenizer_fingerprint": tokenizer_fingerprint(tmp / "tokenizer"), **counts}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -131,3 +170,11 @@ def prepare(job: JobConfig) -> PreparedData:
     logger.info("prepared %s train / %s val tokens in %s (%.0f s)", f"{counts['train']['tokens']:,}",
                 f"{counts['val']['tokens']:,}", out, time.time() - start)
     return PreparedData(out, meta)
+
+
+def _tokenizer(job: JobConfig, train_docs: list[Document]):
+    """Train the BPE on the training documents, or load the job's tokenizer directory."""
+    if job.data.tokenizer != "bpe":
+        return load_tokenizer(job.data.tokenizer)
+    logger.info("training byte-level BPE, vocab %d", job.data.vocab_size)
+    return train_bpe((d.text for d in train_docs), job.data.vocab_size)

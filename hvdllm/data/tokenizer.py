@@ -44,4 +44,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 def tokenizer_fingerprint(path: str | Path) -> str:
     """Hash of the saved tokenizer.json: two token files are compatible when these match."""
-    return hashlib.sha256((Path(path) / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise UserError(f"{path} is not a Hugging Face tokenizer directory (no tokenizer.json)")
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]

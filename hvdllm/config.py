@@ -38,9 +38,14 @@ class RunConfig:
 @dataclass
 class DataConfig:
     source: str = "python-stdlib"
-    """Corpus: "python-stdlib" (this interpreter's standard library source; "python-stdlib/email"
-    for one package of it), a directory, a glob
-    of .txt/.py/.md files, or a .jsonl file whose lines carry a "text" field."""
+    """Corpus. "python-stdlib": this interpreter's standard library as Python code, without its
+    test suites (test/, tests/, idle_test/), codec tables (encodings/), IDLE (idlelib/), pydoc's
+    help text (pydoc_data/) and generated tables (html/entities.py, stringprep.py,
+    re/_casefix.py, _sysconfigdata_*.py): about 550 files, 9 MB on Python 3.11.
+    "python-stdlib/email": one package of it, with the same exclusions below it. Otherwise a
+    directory (its .txt/.py/.md/.jsonl files, recursively), a glob of such files
+    ("corpus/*.jsonl"), or one .jsonl file; each .jsonl line is a JSON object with a "text"
+    field."""
     tokenizer: str = "bpe"
     """"bpe" trains a byte-level BPE on the corpus; otherwise a local Hugging Face tokenizer dir."""
     vocab_size: int = 8192

@@ -1,4 +1,9 @@
-"""`hvdllm slurm`: render an sbatch script for a job from slurm/<launcher>.sbatch.
+"""`hvdllm slurm`: render an sbatch script for a job from the templates shipped in the package.
+
+hvdllm/launch/templates/common.sbatch is the script every launcher shares (header, signal
+forwarding, requeue, log paths); <launcher>.part holds that launcher's own parts (the launch
+command and the comments that explain it), which fill common.sbatch's part placeholders. Values
+fill the rest.
 
 Every value that reaches the script is validated here and quoted for where it lands:
   * #SBATCH lines are read by sbatch, not bash: sbatch splits them on blanks, honours "..." and
@@ -16,15 +21,17 @@ import re
 import shlex
 import string
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from hvdllm.config import ConfigError, JobConfig, SlurmConfig
 from hvdllm.layout import LayoutError, job_layout
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
-"""slurm/ in the source tree: one template per launcher, <launcher>.sbatch."""
+TEMPLATES = resources.files("hvdllm.launch") / "templates"
+"""Package data: common.sbatch and one <launcher>.part per launcher (see setup.cfg)."""
+COMMON = "common.sbatch"
 
 LAUNCHERS = ("srun", "mpirun", "horovodrun")
 MAX_SIGNAL_SECONDS = 65535
@@ -48,6 +55,8 @@ _PLAIN = re.compile(r"[\w@%+=:,./-]+", re.ASCII)
 """Values that need no quotes, in an #SBATCH line or in the shell."""
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TIME = re.compile(r"(?:(?P<days>\d+)-)?(?P<hms>\d+(?::\d+){0,2})")
+_PART_START = re.compile(r"#@ ([a-z_]+)")
+"""The line that starts a part in a <launcher>.part file."""
 
 
 class _Template(string.Template):
@@ -192,6 +201,7 @@ def template_values(job: JobConfig, job_file: Path, overrides: Sequence[str], wo
     if s.cpus_per_task and not job.training.threads and not s.gpus_per_node:
         sets += ' --set "training.threads=${SLURM_CPUS_PER_TASK}"'  # read back, not repeated
     return {
+        "launcher": s.launcher,  # one of LAUNCHERS (validated): plain text anywhere
         "job_name": sbatch_quote(job.run.name),
         "nodes": str(s.nodes),
         "tasks_per_node": str(s.tasks_per_node),
@@ -235,16 +245,65 @@ def _environment(s: SlurmConfig) -> str:
 
 def render(job: JobConfig, job_file: Path, overrides: Sequence[str] = (),
            workdir: Path | None = None) -> str:
-    """The sbatch script for a validated job: slurm/<launcher>.sbatch with its values filled in."""
+    """The sbatch script for a validated job: the launcher's template with its values filled in."""
     validate_slurm(job)
     workdir = (workdir or Path.cwd()).absolute()
     check_text("working directory", str(workdir))
-    template = TEMPLATES / f"{job.slurm.launcher}.sbatch"
-    if not template.is_file():
-        raise ConfigError(f"template {template} not found: hvdllm slurm needs the source tree's "
-                          f"slurm/ folder (pip install -e .)")
     values = template_values(job, Path(job_file), overrides, workdir)
+    template = launcher_template(job.slurm.launcher, values)
     try:
-        return _Template(template.read_text()).substitute(values)
+        return _Template(template).substitute(values)
     except (KeyError, ValueError) as e:
-        raise ConfigError(f"{template}: unknown or malformed placeholder {e}") from None
+        raise ConfigError(f"{TEMPLATES}: unknown or malformed placeholder {e} in {COMMON} or "
+                          f"{job.slurm.launcher}.part") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Templates: common.sbatch + <launcher>.part, package data
+# --------------------------------------------------------------------------------------------
+
+def template_text(name: str) -> str:
+    """One template file from the installed package (hvdllm/launch/templates/NAME)."""
+    try:
+        return (TEMPLATES / name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"template {TEMPLATES / name} not found: this hvdllm was installed "
+                          f"without its package data; reinstall it") from None
+
+
+def placeholders(text: str) -> set[str]:
+    """The {{name}} placeholders in a template."""
+    return {m["named"] for m in _Template.pattern.finditer(text) if m["named"]}
+
+
+def parse_parts(text: str, source: str) -> dict[str, str]:
+    """A <launcher>.part file: each `#@ NAME` line starts the text of part NAME (lines before the
+    first one describe the file and are not rendered)."""
+    parts: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        start = _PART_START.fullmatch(line)
+        if start and start[1] in parts:
+            raise ConfigError(f"{source}: part {start[1]!r} is defined twice")
+        if start:
+            name = start[1]
+            parts[name] = []
+        elif name is not None:
+            parts[name].append(line)
+    return {name: "\n".join(lines) for name, lines in parts.items()}
+
+
+def launcher_template(launcher: str, values: Iterable[str]) -> str:
+    """common.sbatch with the launcher's parts in place and the values' placeholders still open.
+
+    The parts go in first and the values after, in one pass each: text from a value is never
+    read as a placeholder."""
+    common, source = template_text(COMMON), f"{TEMPLATES / launcher}.part"
+    parts = parse_parts(template_text(f"{launcher}.part"), source)
+    wanted = placeholders(common) - set(values)
+    if set(parts) != wanted:
+        missing, unknown = sorted(wanted - set(parts)), sorted(set(parts) - wanted)
+        raise ConfigError(f"{source}: parts must be exactly those {COMMON} places "
+                          f"(missing: {', '.join(missing) or 'none'}; "
+                          f"unknown: {', '.join(unknown) or 'none'})")
+    return _Template(common).safe_substitute(parts)

@@ -1,4 +1,4 @@
-"""`hvdllm <command> ...`: the only place that parses argv or exits.
+"""`hvdllm <command> ...`: argument parsing and exit statuses (no other module exits).
 
 Bad input (job files, overrides, paths, layouts) ends as one line on stderr and exit status 2.
 A failure during multi-rank training ends every rank (MPI abort), so none is left waiting.
@@ -26,7 +26,9 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hvdllm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hvdllm", description="Train Hugging Face causal language models across MPI ranks "
+        "(Horovod data parallelism, mpi4py pipeline stages); prepare data, export, launch on Slurm.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the resolved job (defaults and overrides applied)")
@@ -38,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="resume from the run's latest checkpoint, from PATH, or with 'auto' from "
                         "the latest if there is one (else start fresh; for requeued jobs)")
-    p = sub.add_parser("slurm", help="render an sbatch script for the job (slurm/<launcher>.sbatch)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in a run directory that holds a run: its checkpoints, "
+                        "metrics and events move to RUN_DIR/previous/<time>/ first")
+    p = sub.add_parser("slurm", help="render an sbatch script for the job (templates in hvdllm/launch/templates)")
     _job_args(p)
     for flag, kind in [("--nodes", int), ("--tasks-per-node", int), ("--gpus-per-node", int),
                        ("--partition", str), ("--time", str)]:
@@ -77,12 +82,11 @@ def run(args: argparse.Namespace) -> None:
         job = load_job(args.job, args.overrides)  # validated before any rank starts MPI
         from hvdllm.train import train
 
-        train(job, args.resume)
+        train(job, args.resume, args.fresh)
     elif args.command == "slurm":
         _slurm(args)
     elif args.command == "bench":
-        from hvdllm.bench import bench
-        from hvdllm.bench_report import markdown
+        from hvdllm.bench import bench, markdown
 
         print(markdown(bench(args.job, args.overrides, Path(args.out), args.ranks, args.quick,
                              args.repeats, args.steps, case_steps=args.case_studies)), end="")

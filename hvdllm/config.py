@@ -60,8 +60,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["gpt2", "llama"] = "gpt2"
-    """Model family built with transformers: "gpt2" (tied embeddings) or "llama"."""
+    family: Literal["gpt2", "llama", "mistral", "qwen2"] = "gpt2"
+    """Model family built with transformers: "gpt2" (head tied to the token embedding), "llama",
+    or the Llama-likes "mistral" and "qwen2" (sliding-window attention, Qwen2's q/k/v biases)."""
     pretrained: str = ""
     """Local Hugging Face model directory to fine-tune; empty builds a fresh model from the sizes."""
     n_layer: int = 4
@@ -71,9 +72,14 @@ class ModelConfig:
     n_head: int = 4
     """Attention heads."""
     n_kv_head: int = 0
-    """Llama only: key/value heads for grouped-query attention; 0 means n_head."""
+    """Llama-likes: key/value heads for grouped-query attention; 0 means n_head."""
     intermediate_size: int = 0
-    """Llama only: MLP width; 0 means about 8/3 x n_embd rounded up to a multiple of 64."""
+    """Llama-likes: MLP width; 0 means about 8/3 x n_embd rounded up to a multiple of 64."""
+    tie_embeddings: bool = False
+    """Llama-likes: share the output head's weight with the token embedding (GPT-2 always does)."""
+    sliding_window: int = 0
+    """mistral and qwen2: each token attends to at most this many previous tokens (every layer);
+    0 is full causal attention."""
     dropout: float = 0.0
     """Dropout probability inside the model (GPT-2 only). Dropout is reseeded from (seed, step,
     rank), so resumes stay exact; comparing different layouts needs 0."""
@@ -173,7 +179,8 @@ class ParallelConfig:
 class SlurmConfig:
     launcher: Literal["srun", "mpirun", "horovodrun"] = "srun"
     """How `hvdllm slurm` starts the ranks: "srun" (--mpi=pmix), "mpirun" inside the allocation, or
-    "horovodrun" (Gloo) on hosts taken from the allocation; slurm/<launcher>.sbatch is the template."""
+    "horovodrun" (Gloo) on hosts taken from the allocation; hvdllm/launch/templates/<launcher>.part
+    is its part of the template."""
     nodes: int = 1
     """Nodes to allocate (world size = nodes x tasks_per_node)."""
     tasks_per_node: int = 1
@@ -359,6 +366,11 @@ def validate(job: JobConfig) -> None:
     kv = job.model.n_kv_head or job.model.n_head
     need(job.model.n_head % kv == 0, "model.n_head must be a multiple of model.n_kv_head")
     need(0 <= job.model.dropout < 1, "model.dropout must be in [0, 1)")
+    need(job.model.sliding_window >= 0, "model.sliding_window must be >= 0")
+    need(not job.model.sliding_window or job.model.family in ("mistral", "qwen2"),
+         f"model.sliding_window is for mistral and qwen2, not {job.model.family}")
+    need(not job.model.tie_embeddings or job.model.family != "gpt2",
+         "model.tie_embeddings is for the Llama-likes; GPT-2 always ties its head")
     try:
         check_batch_settings(job.training.global_batch_size, job.training.micro_batch_size,
                              job.parallel.micro_batches)

@@ -19,10 +19,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hvdllm.parallel.schedules import SCHEDULES
-from hvdllm.parallel.stages import Stage
+from hvdllm.models import Stage, causal_lm_loss
 
 ACT_TAG, GRAD_TAG = 11, 22
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -105,7 +104,7 @@ class PipelineRunner:
             out = self.stage.forward(x)
             if self.stage.last:
                 targets = get_batch(i)[1].to(self.device)
-                out = F.cross_entropy(out.float().flatten(0, 1), targets.flatten())
+                out = causal_lm_loss(out, targets)
         if not self.stage.last:
             self.p2p.send(out, self.s + 1, ACT_TAG)
         return x, out
@@ -150,7 +149,7 @@ class PipelineRunner:
             with self.autocast():
                 out = self.stage.forward(x)
                 if self.stage.last:
-                    loss = F.cross_entropy(out.float().flatten(0, 1), targets.to(self.device).flatten())
+                    loss = causal_lm_loss(out, targets.to(self.device))
                     total, count = total + float(loss) * len(inputs), count + len(inputs)
             if not self.stage.last:
                 self.p2p.send(out, self.s + 1, ACT_TAG)

@@ -78,6 +78,21 @@ class Topology:
     def is_last_stage(self) -> bool:
         return self.stage == self.stages - 1
 
+    def rank0_decides(self, what: str, decide: Callable[[], Any]) -> Any:
+        """Run `decide` on rank 0 only and hand its result to every rank; a UserError it raises
+        is raised on every rank (so all stop with the same one line, none left waiting)."""
+        result, error = None, ""
+        if self.rank == 0:
+            try:
+                result = decide()
+            except UserError as e:
+                error = str(e)
+        with self.waiting(f"rank 0 to decide {what}"):
+            result, error = hvd.broadcast_object((result, error), root_rank=0, name=f"decide.{what}")
+        if error:
+            raise UserError(error)
+        return result
+
     def world_max(self, value: float) -> float:
         """Maximum of a scalar over every rank (all stages and replicas)."""
         with self.waiting("the other ranks (world maximum)"):

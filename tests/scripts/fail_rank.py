@@ -4,11 +4,11 @@ Usage: fail_rank.py JOB [hvdllm train args...]. Runs the real CLI with one step 
 """
 import sys
 
-import hvdllm.train
+import hvdllm.train.loop
 from hvdllm.cli import main
 from hvdllm.log import world_rank
 
-real_step = hvdllm.train.train_step
+real_step = hvdllm.train.loop.train_step
 
 
 def failing_step(t, step):
@@ -17,5 +17,5 @@ def failing_step(t, step):
     return real_step(t, step)
 
 
-hvdllm.train.train_step = failing_step
+hvdllm.train.loop.train_step = failing_step
 sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,123 @@
+"""Writing checkpoints from every stage, and resuming from the newest one every rank can read.
+
+Saving: rank 0 opens the checkpoint, each stage's first replica writes its shards and reports
+their checksums, rank 0 writes the rest and commits (checkpoint/manager.py owns the files).
+
+Resuming: rank 0 lists the candidates (newest first) and tells every rank; each rank reads and
+verifies only the shards holding its stage's names; the world agrees (MAX) whether any rank
+failed. A checkpoint some rank cannot use is skipped with one line saying why, and the next
+older one is tried, so a save cut short or a damaged file loses at most one checkpoint's steps.
+A checkpoint named explicitly (`--resume PATH`) is never swapped for another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import horovod.torch as hvd
+import torch
+
+from hvdllm.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_named_optimizer_state,
+    named_optimizer_state,
+    resume_candidates,
+    select_state,
+    tied_aliases,
+)
+from hvdllm.config import JobConfig, dump_toml
+from hvdllm.data import PreparedData
+from hvdllm.errors import UserError
+from hvdllm.log import logger
+from hvdllm.models import Stage
+from hvdllm.parallel.data_parallel import barrier
+from hvdllm.parallel.topology import Topology
+
+
+@dataclass
+class StageState:
+    """What one rank read from a checkpoint: its stage's tensors, optimizer state and counters."""
+    checkpoint: Checkpoint
+    model: dict
+    optim: dict
+    train: dict
+
+
+def read_stage_state(ckpt: Checkpoint, data: PreparedData, stage: Stage) -> StageState:
+    """This stage's part of a checkpoint of any layout, verified shard by shard."""
+    if ckpt.meta.get("tokenizer_fingerprint") != data.meta["tokenizer_fingerprint"]:
+        raise UserError(f"{ckpt.path} was trained with a different tokenizer than {data.dir}")
+    aliases = tied_aliases(stage.tied)
+    wanted = list(stage.model.state_dict())
+    merged = ckpt.load_named("model", wanted, aliases)
+    model = select_state(merged, wanted, aliases)
+    names = [n for n, _ in stage.model.named_parameters()]
+    optim = ckpt.load_named("optim", names, aliases)
+    return StageState(ckpt, model, optim, ckpt.load_train_state())
+
+
+def restore(job: JobConfig, resume: str | None, topo: Topology, data: PreparedData, stage: Stage,
+            optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Load the checkpoint `resume` names into this stage; returns (next step, counters)."""
+    candidates, explicit = topo.rank0_decides(
+        "which checkpoint to resume", lambda: resume_candidates(job.run_dir, resume))
+    for path in candidates:
+        state, error = None, ""
+        try:
+            state = read_stage_state(Checkpoint(path), data, stage)
+        except CheckpointError as e:
+            error = str(e)
+        if not topo.world_max(1.0 if error else 0.0):  # every rank read its part
+            return apply(state, stage, optimizer)
+        if error:
+            logger.warning("skipping checkpoint %s: %s", path, error)
+        if explicit:
+            raise CheckpointError(error or f"another rank could not read its part of {path}")
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint in {job.run_dir / 'checkpoints'} "
+                              f"({len(candidates)} skipped, reasons above)")
+    return 0, {}
+
+
+def apply(state: StageState, stage: Stage, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    stage.model.load_state_dict(state.model)
+    load_named_optimizer_state(optimizer, list(stage.model.named_parameters()), state.optim,
+                               tied_aliases(stage.tied))
+    meta = state.checkpoint.meta
+    logger.info("resumed from %s (step %d, written by %d stage(s) x %d replica(s))",
+                state.checkpoint.path, meta["step"], meta["stages"], meta["replicas"])
+    return int(meta["step"]), state.train
+
+
+def save_checkpoint(t, step: int) -> Path | None:
+    """Each stage's first replica writes its shards; rank 0 writes the rest and commits.
+
+    `t` is the Trainer (hvdllm.train.trainer). Returns the checkpoint's path on rank 0.
+    """
+    topo, manager = t.topo, t.checkpoints
+    if topo.rank == 0:
+        manager.begin(step)
+    with topo.waiting("the checkpoint barrier"):
+        barrier()
+    entries: dict[str, dict] = {}
+    if topo.replica == 0:
+        entries = manager.write_stage_shards(step, topo.stage, {
+            "model": t.model.state_dict(),
+            "optim": named_optimizer_state(t.optimizer, list(t.model.named_parameters()))})
+    # Distributed: every shard's checksum reaches rank 0 (also the barrier after writing).
+    with topo.waiting("the other stages' checkpoint shards"):
+        gathered = hvd.allgather_object(entries, name="checkpoint_entries")
+    path = None
+    if topo.rank == 0:
+        meta = {"step": step, "stages": topo.stages, "replicas": topo.replicas,
+                "tokenizer_fingerprint": t.data.meta["tokenizer_fingerprint"],
+                "model_config": t.model.config.to_dict()}
+        path = manager.commit(step, meta, {k: v for e in gathered for k, v in e.items()},
+                              {"scaler": t.scaler.state_dict(), "skipped_steps": t.skipped_steps},
+                              dump_toml(t.job), t.data.tokenizer_dir, t.job.training.keep_checkpoints)
+        logger.info("checkpoint %s", path)
+    with topo.waiting("rank 0 to finish the checkpoint"):
+        barrier()
+    return path

@@ -1,0 +1,146 @@
+"""Setting up a rank: the grid, the run directory, data, its model stage, optimizer and resume."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import horovod.torch as hvd
+import torch
+
+from hvdllm.checkpoint import CheckpointManager
+from hvdllm.config import JobConfig
+from hvdllm.data import PreparedData, TokenReader, load_prepared, prepare
+from hvdllm.errors import UserError
+from hvdllm.layout import job_layout
+from hvdllm.log import logger, setup_logging
+from hvdllm.metrics import measure_peak_tflops
+from hvdllm.models import Stage, build_model, count_parameters, flops_per_token, partition_for
+from hvdllm.optim import LRSchedule, build_optimizer, scaled_peak_lr
+from hvdllm.parallel.data_parallel import broadcast_parameters
+from hvdllm.parallel.grad_sync import AllReduceSync
+from hvdllm.parallel.pipeline import PipelineRunner, PointToPoint
+from hvdllm.parallel.topology import Topology, init_distributed
+from hvdllm.precision import LossScaler, autocast
+from hvdllm.train.resume import restore
+from hvdllm.train.run_dir import claim_run_dir
+
+
+@dataclass
+class Trainer:
+    """Everything a step needs, built once by `setup`."""
+    job: JobConfig
+    topo: Topology
+    device: torch.device
+    data: PreparedData
+    reader: TokenReader
+    stage: Stage
+    sync: AllReduceSync
+    """Gradient synchronisation over the stage's replicas (and the optimizer it steps)."""
+    schedule: LRSchedule
+    scaler: LossScaler
+    runner: PipelineRunner
+    checkpoints: CheckpointManager
+    start_step: int = 0
+    flops_per_token: float = 0.0
+    peak_tflops: float = 0.0
+    skipped_steps: int = 0
+    """Steps skipped because a gradient overflowed (fp16)."""
+    val_batches: list = field(default_factory=list)
+    """This replica's validation windows (cut at the first evaluation)."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.stage.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.sync.optimizer
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self.sync.params
+
+
+def pick_device(topo: Topology, threads: int) -> torch.device:
+    """One GPU per local rank when there are GPUs; otherwise the cores split between local ranks."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(topo.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // topo.local_size))
+    return torch.device("cpu")
+
+
+def prepared_data(job: JobConfig, topo: Topology) -> PreparedData:
+    """Rank 0 prepares the tokens when they are missing; the others wait, then open them."""
+    error = ""
+    if topo.rank == 0 and not (job.data_dir / "meta.json").is_file():
+        try:
+            prepare(job)
+        except Exception as e:  # reported on every rank below, not left to hang the others
+            error = str(e)
+    # Also a barrier; not under the watchdog: preparing a large corpus may take long.
+    error = hvd.broadcast_object(error, root_rank=0, name="prepare_error")
+    if error:
+        raise UserError(error)
+    return load_prepared(job)
+
+
+def build_stage(job: JobConfig, topo: Topology, vocab_size: int) -> tuple[Stage, float]:
+    """This rank's stage of the model (the whole model with one stage) and FLOPs per token."""
+    model = build_model(job.model, vocab_size, job.data.seq_len, job.run.seed)
+    fpt = flops_per_token(model, job.data.seq_len)
+    layers = partition_for(model, topo.stages, job.parallel.stage_layers or None)
+    if topo.rank == 0 and topo.stages > 1:
+        logger.info("stages: %s", ", ".join(f"{s}: blocks {r.start}-{r.stop - 1}"
+                                            for s, r in enumerate(layers)))
+    return Stage(model, layers[topo.stage], topo.is_first_stage, topo.is_last_stage), fpt
+
+
+def setup(job: JobConfig, resume: str | None, fresh: bool = False) -> Trainer:
+    topo = init_distributed(lambda world: job_layout(job, world), job.parallel.peer_timeout_s)
+    setup_logging(topo.rank)
+    device = pick_device(topo, job.training.threads)
+    logger.info("%s", topo.describe())
+    # Rank 0 decides whether this run may use the run directory, before anything is written.
+    note = topo.rank0_decides("the run directory", lambda: claim_run_dir(job.run_dir, resume, fresh))
+    if note:
+        logger.info("%s", note)
+    data = prepared_data(job, topo)
+    layout = topo.layout
+    reader = TokenReader(data.tokens("train"), job.data.seq_len, job.training.global_batch_size,
+                         job.run.seed)
+    stage, fpt = build_stage(job, topo, data.meta["vocab_size"])
+    model = stage.model.to(device)
+    peak_lr = scaled_peak_lr(job.optim, topo.replicas)
+    # Distributed step 1: the stage's gradients are averaged across its replicas (grad_sync).
+    sync = AllReduceSync(build_optimizer(model, job.optim, peak_lr), model,
+                         job.parallel.compression, layout.micro_batches, topo.process_set,
+                         topo.replicas)
+    start_step, saved = restore(job, resume, topo, data, stage, sync.optimizer)
+    # Distributed step 2: every replica starts from its stage's first replica's weights. Every
+    # rank read the same checkpoint, so optimizer state needs no broadcast; a fresh optimizer has
+    # none (Horovod's broadcast_optimizer_state would create it with a zero-gradient step, which
+    # moves AdamW's weights and step count).
+    with topo.waiting("the initial weights of the stage's first replica"):
+        broadcast_parameters(model, root_rank=topo.stage, process_set=topo.process_set)
+    # fp16 (loss scaling) and fp16 compression (an fp16 sum can overflow) both need the
+    # world-agreed inf/NaN check; fp16 compression alone keeps the scale at 1.
+    scaler = LossScaler(job.precision.dtype == "fp16", job.precision.initial_scale,
+                        job.precision.growth_interval, world_max=topo.world_max,
+                        check_overflow=job.parallel.compression == "fp16")
+    if saved:
+        scaler.load_state_dict(saved["scaler"])
+    p2p = PointToPoint(topo.pipe_comm, topo.waiting) if topo.stages > 1 else None
+    runner = PipelineRunner(stage, topo.stage, topo.stages, job.parallel.schedule,
+                            layout.micro_batches, p2p, device,
+                            lambda: autocast(job.precision.dtype, device), scaler.scale_loss)
+    peak = job.precision.peak_tflops or measure_peak_tflops(job.precision.dtype, device)
+    logger.info("model: %s %.2fM parameters on this stage | MFU peak %.2f TFLOP/s per rank (%s)",
+                job.model.family, count_parameters(model) / 1e6, peak,
+                "from the job" if job.precision.peak_tflops else f"measured {job.precision.dtype} matmul")
+    return Trainer(job=job, topo=topo, device=device, data=data, reader=reader, stage=stage,
+                   sync=sync, schedule=LRSchedule(job.optim, peak_lr, job.training.steps),
+                   scaler=scaler, runner=runner, checkpoints=CheckpointManager(job.run_dir),
+                   start_step=start_step, flops_per_token=fpt, peak_tflops=peak,
+                   skipped_steps=int(saved.get("skipped_steps", 0)))

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent setup for hvdllm: OpenMPI, a virtual environment with pinned packages, and
-# Horovod 0.28.1 built against the installed torch (with the C++17 fix it needs on torch >= 2.1).
+# Horovod 0.28.1 built against the installed torch with the patches in patches/horovod/ applied
+# (the C++17 fix it needs on torch >= 2.1, ...; patches/README.md says what each one is for).
 # Safe to re-run: every step checks whether its work is already done.
 #
 # Environment knobs:
 #   VENV                 virtual environment to use (default: .venv in the repository)
 #   HVDLLM_WHEEL_CACHE   where the built Horovod wheel is kept between clones
-#                        (default: ~/.cache/hvdllm/wheels); keyed by Horovod, torch and Python.
+#                        (default: ~/.cache/hvdllm/wheels); keyed by Horovod, torch, Python,
+#                        machine and a hash of the patch files, so a changed patch rebuilds once.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +17,7 @@ TORCH_VERSION=2.13.0
 HOROVOD_VERSION=0.28.1
 CACHE=${HVDLLM_WHEEL_CACHE:-$HOME/.cache/hvdllm/wheels}
 PY=$VENV/bin/python
+PATCHES=$ROOT/patches/horovod
 
 # pip warns about every package for each missing local index directory; keep its real messages.
 pip_() { "$PY" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
@@ -29,6 +32,43 @@ install_openmpi() {
     local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+}
+
+install_patch_tool() {
+    # Fresh Debian images (CI) may lack `patch`, which applies patches/horovod/*.patch.
+    if command -v patch >/dev/null; then return; fi
+    say "installing patch from Debian"
+    command -v apt-get >/dev/null || die "patch not found and no apt-get: install patch first"
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq patch >/dev/null
+}
+
+horovod_patches() {
+    # The patch files in name order (byte order, whatever the locale), one path a line.
+    find "$PATCHES" -maxdepth 1 -type f -name '*.patch' | LC_ALL=C sort
+}
+
+patches_hash() {
+    # One short hash over every patch file's name and content: part of the wheel cache key.
+    local p
+    horovod_patches | while read -r p; do
+        printf '%s\n' "$(basename "$p")"; cat "$p"
+    done | sha256sum | cut -c1-12
+}
+
+apply_patches() {
+    # Apply each patch to the unpacked sdist in $1; the first one that does not apply exactly
+    # (no fuzz, not already applied) stops the setup.
+    local src=$1 p
+    [ -n "$(horovod_patches)" ] || die "no patches in $PATCHES: the build needs at least the C++17 fix"
+    while read -r p; do
+        say "applying patches/horovod/$(basename "$p")"
+        patch -d "$src" -p1 --forward --batch --fuzz=0 --dry-run --quiet < "$p" >&2 \
+            || die "patches/horovod/$(basename "$p") does not apply to Horovod $HOROVOD_VERSION's sdist"
+        patch -d "$src" -p1 --forward --batch --fuzz=0 --quiet --no-backup-if-mismatch < "$p" >&2 \
+            || die "applying patches/horovod/$(basename "$p") failed"
+    done < <(horovod_patches)
 }
 
 make_venv() {
@@ -55,12 +95,7 @@ build_horovod_wheel() {
     pip_ download -q --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION"
     tar -xzf "$work"/horovod-"$HOROVOD_VERSION".tar.gz -C "$work"
     local src=$work/horovod-$HOROVOD_VERSION
-    # The fix: PyTorch >= 2.1 headers require C++17; Horovod 0.28.1 asks CMake for C++14
-    # (Horovod issues #3996/#4014, fixed on master by #3998, never released).
-    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-        "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-    grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" \
-        || die "could not apply the C++17 fix to Horovod's CMakeLists.txt"
+    apply_patches "$src"
     # The HOROVOD_WITH_* switches make a failed framework fail the build instead of being skipped;
     # --no-build-isolation lets CMake import the installed torch. The policy minimum lets a CMake 4
     # configure the bundled gloo (harmless with CMake 3).
@@ -77,7 +112,7 @@ build_horovod_wheel() {
 install_horovod() {
     local pyver key dest
     pyver=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-    key="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-$pyver-$(uname -m)"
+    key="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-$pyver-$(uname -m)-patches-$(patches_hash)"
     dest=$CACHE/$key
     if horovod_ok && [ -f "$VENV/.horovod-build" ] && [ "$(cat "$VENV/.horovod-build")" = "$key" ]; then
         return
@@ -100,8 +135,9 @@ check_horovod() {
 }
 
 install_openmpi
+install_patch_tool
 make_venv
 install_horovod
 check_horovod
-pip_ install -q --no-deps -e "$ROOT[dev]"
+pip_ install -q --no-deps -e "${ROOT}[dev]"
 say "ready: $VENV (torch $TORCH_VERSION, Horovod $HOROVOD_VERSION with PyTorch, MPI and Gloo)"

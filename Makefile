@@ -1,19 +1,35 @@
 # The two commands of the README: `make test` and `make demo`. Both set up first (idempotent).
+# `make test-unit`, `test-mpi`, `test-slurm`, `test-bench` run one group of tests (pytest -m).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RANKS  ?= 2
+PYTEST := $(PY) -m pytest tests
 # OpenMPI refuses root and more ranks than cores unless told; on CPU its progress engine must
-# yield the cores it spins on, or a 2-rank run loses ~30 % (docs/launching.md).
-MPIRUN := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun -np $(RANKS) \
-          --oversubscribe --bind-to none --mca mpi_yield_when_idle 1
+# yield the cores it spins on, or a 2-rank run loses ~30 % (docs/launching.md). The settings are
+# defined once, in hvdllm/launch/env.py, and passed as environment variables.
+MPIRUN := env $$($(PY) -m hvdllm.launch.env) mpirun -np $(RANKS)
 
-.PHONY: setup test demo clean
+.PHONY: setup setup-slurm test test-unit test-mpi test-slurm test-bench demo clean
 setup:
 	@bash scripts/setup.sh
 
-test: setup
+setup-slurm:
 	@bash scripts/setup-slurm.sh  # test-only: Slurm, munge, shellcheck for tests/test_slurm.py
-	$(PY) -m pytest tests
+
+test: setup setup-slurm
+	$(PYTEST)
+
+test-unit: setup
+	$(PYTEST) -m unit
+
+test-mpi: setup
+	$(PYTEST) -m mpi
+
+test-slurm: setup setup-slurm
+	$(PYTEST) -m slurm
+
+test-bench: setup
+	$(PYTEST) -m bench
 
 demo: setup
 	$(VENV)/bin/hvdllm prepare jobs/quickstart.toml

@@ -317,9 +317,13 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """Read a TOML job file, apply --set overrides and validate the result."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"job file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a job file is TOML") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     for text in overrides:
@@ -335,6 +339,20 @@ def job_from_toml(text: str) -> JobConfig:
     job = _build(tomllib.loads(text), "")
     validate(job)
     return job
+
+
+MAX_STEPS = 99_999_999
+"""Checkpoint directories carry the step in 8 digits."""
+
+LIMITS = [
+    ("training", "steps", MAX_STEPS, "checkpoint names carry the step in 8 digits"),
+    ("data", "vocab_size", 2 ** 32, "tokens are stored as uint32 at most"),
+    ("data", "seq_len", 2 ** 20, "no model here has a context that long"),
+    ("model", "n_layer", 10_000, "no model has that many layers"),
+    ("model", "n_embd", 2 ** 20, "no model is that wide"),
+    ("training", "global_batch_size", 2 ** 31 - 1, "the batch index would overflow"),
+]
+"""Numbers no run could reach, refused up front instead of failing deep inside a step."""
 
 
 def validate(job: JobConfig) -> None:
@@ -355,6 +373,9 @@ def validate(job: JobConfig) -> None:
                           ("parallel", "peer_timeout_s")]:
         need(getattr(getattr(job, section), name) >= 0, f"{section}.{name} must be >= 0")
     need(job.training.keep_checkpoints >= 1, "training.keep_checkpoints must be >= 1")
+    for section, name, limit, why in LIMITS:
+        need(getattr(getattr(job, section), name) <= limit,
+             f"{section}.{name} = {getattr(getattr(job, section), name)} is over {limit:,}: {why}")
     need(0 < job.data.val_fraction < 1, "data.val_fraction must be between 0 and 1")
     need(job.data.vocab_size >= 300, "data.vocab_size must be >= 300 (256 bytes + merges)")
     need(job.optim.lr > 0, "optim.lr must be > 0")

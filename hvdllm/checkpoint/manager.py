@@ -31,10 +31,9 @@ from hvdllm.checkpoint.shards import (
     shard_name,
     write_shard,
 )
+from hvdllm.config import MAX_STEPS
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-MAX_STEP = 99_999_999
-"""Checkpoint directories carry the step in 8 digits."""
 
 
 class Checkpoint:
@@ -108,8 +107,8 @@ class CheckpointManager:
     # -- writing (rank 0 begins and commits; each stage's first replica writes its shards) ----
     def begin(self, step: int) -> Path:
         """Create (or empty) the temporary directory a checkpoint is written into."""
-        if step > MAX_STEP:
-            raise CheckpointError(f"step {step} does not fit a checkpoint name (at most {MAX_STEP})")
+        if step > MAX_STEPS:
+            raise CheckpointError(f"step {step} does not fit a checkpoint name (at most {MAX_STEPS})")
         for stale in self.root.glob("step_*.tmp") if self.root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)  # left by a run that died mid-save
         tmp = self.tmp_path(step)

@@ -1,10 +1,40 @@
-"""`hvdllm bench --quick` as a smoke test: every row measured, reports written (no speed asserts)."""
+"""`hvdllm bench --quick` as a smoke test: every row measured, reports written (no speed asserts);
+and the bench package's modules import each other without a cycle."""
 
 from __future__ import annotations
 
+import ast
 import json
 
-from conftest import TINY, hvdllm, run
+import pytest
+from conftest import ROOT, TINY, hvdllm, run
+
+BENCH = ROOT / "hvdllm" / "bench"
+
+
+def bench_imports(path) -> set[str]:
+    """The hvdllm.bench modules a module imports (at its top or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hvdllm.bench."):
+            found.add(node.module.removeprefix("hvdllm.bench."))
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("hvdllm.bench.") for a in node.names
+                      if a.name.startswith("hvdllm.bench.")}
+    return found
+
+
+@pytest.mark.unit
+def test_bench_modules_import_without_a_cycle():
+    graph = {p.stem: bench_imports(p) for p in BENCH.glob("*.py") if p.stem != "__init__"}
+    assert {"runner", "ddp_peer", "report", "cases"} <= graph.keys()
+    assert all(deps <= graph.keys() for deps in graph.values()), graph
+    done: list[str] = []
+    while len(done) < len(graph):  # take a module whose imports are all taken: a cycle stops it
+        ready = sorted(m for m, deps in graph.items() if m not in done and deps <= set(done))
+        assert ready, f"import cycle among {sorted(set(graph) - set(done))}: {graph}"
+        done += ready
+    assert not list(ROOT.glob("hvdllm/bench*.py"))  # the old flat modules are gone
 
 
 def test_bench_quick_writes_all_reports(tmp_path):

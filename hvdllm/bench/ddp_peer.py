@@ -4,7 +4,9 @@ Same model (hvdllm.model.build_model), same batches (TokenReader), same autocast
 rate schedule and clipping as `hvdllm train`; only the gradient exchange differs (DDP buckets over
 gloo on CPU, NCCL on GPU). Launched by `hvdllm bench` under mpirun, one process per rank:
 
-    mpirun -np 2 python -m hvdllm.bench_ddp JOB.toml OUT.json [--set k=v ...]
+    mpirun -np 2 python -m hvdllm.bench.ddp_peer JOB.toml OUT.json [--set k=v ...]
+
+The rendezvous is MASTER_ADDR:MASTER_PORT (the bench sets a free port for every launch).
 
 Rank 0 writes {"elapsed_s": [...]} with the wall-clock time after every step.
 """
@@ -23,14 +25,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from hvdllm.config import load_job
-from hvdllm.layout import job_layout
 from hvdllm.data import TokenReader, load_prepared
+from hvdllm.layout import job_layout
 from hvdllm.model import build_model
 from hvdllm.optim import LRSchedule, build_optimizer, clip_gradients, global_grad_norm, set_lr
 from hvdllm.precision import autocast
 
 
 def init_process_group() -> tuple[int, int, torch.device]:
+    """Join the DDP world from the MPI launcher's rank variables; returns rank, world, device."""
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", 0)))
     world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -45,6 +48,7 @@ def init_process_group() -> tuple[int, int, torch.device]:
 
 
 def main(argv: list[str]) -> None:
+    """Train JOB for training.steps steps under DDP; rank 0 writes the step times to OUT."""
     job_path, out, *rest = argv
     job = load_job(job_path, [a for a in rest if a != "--set"])
     rank, world, device = init_process_group()

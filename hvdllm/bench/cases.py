@@ -12,13 +12,13 @@ report gives the step and the wall-clock seconds at which each variant first did
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from hvdllm.bench import MPI_ENV
+from hvdllm.bench.launcher import hvdllm_command, run_ranks, set_args
 from hvdllm.log import logger
+
+CASE_TIMEOUT_S = 3 * 3600
+"""A case-study run longer than this is reported as hung (they train for minutes, not hours)."""
 
 STUDIES = {
     "mixed precision": {"fp32": ["precision.dtype=fp32"], "bf16": ["precision.dtype=bf16"]},
@@ -33,24 +33,24 @@ STUDIES = {
 
 def run_variant(job_path: str, sets: list[str], run_dir: Path, ranks: int, steps: int,
                 eval_every: int) -> list[dict]:
+    """Train one variant under mpirun; returns its metrics rows that carry a validation loss."""
     args = [*sets, f"run.dir={run_dir}", f"training.steps={steps}",
             f"training.eval_every={eval_every}", f"training.log_every={eval_every}",
             "training.checkpoint_every=0"]
-    cmd = ["mpirun", "-np", str(ranks), str(Path(sys.executable).parent / "hvdllm"), "train",
-           job_path, *[a for s in args for a in ("--set", s)]]
-    p = subprocess.run(cmd, env=dict(os.environ, **MPI_ENV), capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"case study run failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    run_ranks(ranks, hvdllm_command("train", job_path, *set_args(args)), f"case study {run_dir.name}",
+              timeout_s=CASE_TIMEOUT_S)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "val_loss" in r]
 
 
 def reach(curve: list[dict], target: float) -> dict | None:
+    """The first evaluation at or below `target` (None if the curve never gets there)."""
     return next((r for r in curve if r["val_loss"] <= target), None)
 
 
 def case_studies(job_path: str, sets: list[str], out: Path, ranks: int, steps: int,
                  eval_every: int) -> dict:
+    """Run every study's variants; each study's target is its worst final validation loss."""
     results: dict[str, dict] = {}
     for study, variants in STUDIES.items():
         curves = {}
@@ -69,6 +69,7 @@ def case_studies(job_path: str, sets: list[str], out: Path, ranks: int, steps: i
 
 
 def markdown(results: dict, ranks: int, steps: int) -> str:
+    """The case studies as a Markdown section (one table per study)."""
     lines = [f"## Case studies ({ranks} ranks, {steps} steps each)", ""]
     for study, r in results.items():
         lines += [f"### {study}: target val loss {r['target_val_loss']:.3f} (the worst final)", "",

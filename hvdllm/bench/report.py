@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 from pathlib import Path
 
+from hvdllm.bench.cases import markdown as cases_markdown
+from hvdllm.bench.configs import Config
 from hvdllm.config import JobConfig
 from hvdllm.parallel.schedules import bubble_fraction
 
 
 def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (or what platform knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -22,8 +26,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def summarise(job: JobConfig, configs: list, results: dict, ranks: int, threads: int,
+def summarise(job: JobConfig, configs: list[Config], results: dict, ranks: int, threads: int,
               repeats: int, steps: int, warmup: int) -> dict:
+    """bench.json's content: the machine, the job, one row per configuration, scaling."""
     import horovod
     import torch
 
@@ -54,7 +59,7 @@ def summarise(job: JobConfig, configs: list, results: dict, ranks: int, threads:
     one = by_name[same_dtype_one]["tokens_per_s"]
     scaling = {r["name"]: r["tokens_per_s"] / (r["ranks"] * one)
                for r in rows if r["ranks"] > 1 and "pipeline" not in r["name"]}
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": _cores(),
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count() or 1,
             "torch": torch.__version__, "horovod": horovod.__version__,
             "python": platform.python_version(), "job": job.run.name,
             "model": f"{job.model.family} {job.model.n_layer}x{job.model.n_embd}",
@@ -64,13 +69,8 @@ def summarise(job: JobConfig, configs: list, results: dict, ranks: int, threads:
             "warmup_steps": warmup, "rows": rows, "scaling_efficiency": scaling}
 
 
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 1
-
-
 def markdown(s: dict) -> str:
+    """bench.md: the table, scaling efficiency and (if run) the case studies."""
     lines = [f"# hvdllm bench: {s['job']} ({s['model']}, {s['parameters'] or '?':,} parameters)", "",
              f"{s['date']} · {s['cpu']} · {s['cores']} cores · {s['threads_per_rank']} thread(s) per rank"
              f" · torch {s['torch']} · Horovod {s['horovod']} · Python {s['python']}", "",
@@ -93,13 +93,12 @@ def markdown(s: dict) -> str:
     lines += ["", "Overhead: share of each step's wall-clock time spent outside the training step "
               "(logging, metrics, TensorBoard, the preemption check); the DDP peer has none of these."]
     if "case_studies" in s:
-        from hvdllm.bench_cases import markdown as cases_markdown
-
         lines += ["", cases_markdown(s["case_studies"], s["ranks"], s["case_steps"])]
     return "\n".join(lines) + "\n"
 
 
 def plot(s: dict, path: Path) -> None:
+    """bench.png: tokens/s per configuration as horizontal bars (DDP in red)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,6 +118,7 @@ def plot(s: dict, path: Path) -> None:
 
 
 def write_reports(s: dict, out: Path) -> None:
+    """bench.json, bench.md and bench.png in `out`."""
     (out / "bench.json").write_text(json.dumps(s, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(s))
     plot(s, out / "bench.png")

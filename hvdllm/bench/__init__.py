@@ -1,0 +1,15 @@
+"""`hvdllm bench`: throughput of layouts and precisions against a torch DDP peer, and its report.
+
+Modules, each importing only those before it:
+  configs   the rows (which launches, against which baseline)
+  launcher  mpirun with the local MPI environment (hvdllm.launch.env) and a time limit
+  ddp_peer  the torch DDP training step, run by `python -m hvdllm.bench.ddp_peer` under mpirun
+  cases     the two case studies (fp32 vs bf16; SGD vs momentum vs AdamW)
+  report    bench.json, bench.md, bench.png
+  runner    bench(): every launch, alternating, and the summary
+"""
+
+from hvdllm.bench.report import markdown
+from hvdllm.bench.runner import bench
+
+__all__ = ["bench", "markdown"]

@@ -1,28 +1,43 @@
-"""Shared helpers: real launchers (mpirun, horovodrun), a prepared tiny corpus, job files."""
+"""Shared helpers: real launchers (mpirun, horovodrun), a prepared tiny corpus, job files;
+test groups (markers) by module, and a wall-clock bound for tests that start ranks."""
 
 from __future__ import annotations
 
 import json
-import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from hvdllm.launch.env import mpi_env
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "jobs" / "tiny.toml"
 BIN = Path(sys.executable).parent
 SCRIPTS = Path(__file__).parent / "scripts"
 
-# OpenMPI as root, more ranks than cores, and yielding instead of spinning (see docs/launching.md).
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
-           "OMPI_MCA_hwloc_base_binding_policy": "none", "PYTHONUNBUFFERED": "1"}
+GROUPS = ("unit", "mpi", "slurm", "bench", "multihost", "elastic", "data")
+"""Test groups, registered as markers in setup.cfg; every test belongs to exactly one."""
+
+GROUP_OF_MODULE = {
+    "test_config": "unit", "test_layout": "unit", "test_schedules": "unit", "test_optim": "unit",
+    "test_docs": "unit", "test_data": "unit", "test_models": "unit", "test_slurm_templates": "unit",
+    "test_data_parallel": "mpi", "test_pipeline": "mpi", "test_install": "mpi",
+    "test_slurm": "slurm", "test_bench": "bench",
+}
+"""The group of a test that carries no group marker itself; a module not listed here is `mpi`
+(the slow side, so that a new module never slips into `pytest -m unit` unnoticed)."""
+
+TEST_TIMEOUT_S = {"mpi": 900, "bench": 900, "slurm": 1800, "multihost": 1800, "elastic": 1800}
+"""Wall-clock bound of one test's body (fixtures excluded) by group; each launch has its own."""
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ, **MPI_ENV)
+    """The launch environment: local OpenMPI settings (hvdllm.launch.env), unbuffered Python,
+    and this venv's bin first on PATH."""
+    e = mpi_env(PYTHONUNBUFFERED="1")
     e["PATH"] = f"{BIN}:{e['PATH']}"
     return e
 
@@ -39,6 +54,7 @@ def run(cmd: list[str], timeout: float = 300, check: bool = True, cwd: Path | No
 
 
 def mpirun(np: int, args: list, **kw) -> subprocess.CompletedProcess:
+    """`mpirun -np NP ARGS` through run() (so with its timeout)."""
     return run(["mpirun", "-np", np, *args], **kw)
 
 
@@ -71,3 +87,37 @@ def tiny_args(tiny_data, tmp_path):
             args += ["--set", e]
         return args
     return make
+
+
+def group_of(item: pytest.Item) -> str:
+    """The test's group: its own group marker if it has one, else its module's."""
+    own = [m.name for m in item.iter_markers() if m.name in GROUPS]
+    return own[0] if own else GROUP_OF_MODULE.get(item.path.stem, "mpi")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its group, so that `pytest -m unit` (or mpi, slurm, bench) selects it."""
+    for item in items:
+        group = group_of(item)
+        if not item.get_closest_marker(group):
+            item.add_marker(getattr(pytest.mark, group))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Fail a test of a slow group whose body runs past its bound (SIGALRM; the launch helpers'
+    subprocess.run kills the launch in flight when the failure interrupts it)."""
+    limit = TEST_TIMEOUT_S.get(group_of(item))
+    if not limit or not hasattr(signal, "setitimer"):
+        return (yield)
+
+    def expire(signum, frame):
+        pytest.fail(f"{item.nodeid} ran past its {limit} s bound ({group_of(item)} test)", pytrace=False)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        return (yield)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

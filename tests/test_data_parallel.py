@@ -81,13 +81,13 @@ def test_resume_is_exact(reference_run, tiny_args, tmp_path):
     assert sorted(second) == list(range(11, 21)) and all(second[s] == full[s] for s in second)
 
 
-def test_fp16_overflow_is_skipped_on_every_rank(tiny_args):
-    p = mpirun(2, [BIN / "python", SCRIPTS / "fp16_agree.py", TINY,
-                   *tiny_args("fp16", "precision.dtype=fp16", "precision.initial_scale=1e12")],
-               timeout=240)
-    ranks = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert len(ranks) == 2
-    a, b = ranks
+def test_fp16_overflow_is_skipped_on_every_rank(tiny_args, tmp_path):
+    out = tmp_path / "fp16-agree"
+    mpirun(2, [BIN / "python", SCRIPTS / "fp16_agree.py", TINY, out,
+               *tiny_args("fp16", "precision.dtype=fp16", "precision.initial_scale=1e12")],
+           timeout=240)
+    a, b = (json.loads((tmp_path / f"{out.name}.rank{r}").read_text()) for r in range(2))
+    assert (a["rank"], a["size"], b["rank"], b["size"]) == (0, 2, 1, 2)
     assert a["skipped"] == b["skipped"] == 4  # 1e12 overflows fp16 on every one of the 4 steps
     assert a["scales"] == b["scales"] == [5e11, 2.5e11, 1.25e11, 6.25e10]
     assert a["checksum"] == b["checksum"]
@@ -96,6 +96,7 @@ def test_fp16_overflow_is_skipped_on_every_rank(tiny_args):
 
 def test_tensorboard_and_metrics_agree(reference_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
 
     acc = EventAccumulator(str(reference_run / "tb"))
     acc.Reload()
@@ -110,7 +111,12 @@ def test_tensorboard_and_metrics_agree(reference_run):
     rows = read_metrics(reference_run)
     assert {"step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "mfu", "step_ms"} <= rows[0].keys()
     assert "val_loss" in rows[-1] and "val_ppl" in rows[-1]
-    assert "job" in acc.Tags()["tensors"] or acc.Tags().get("tensors")  # the job as text
+    # The resolved job as a TensorBoard text summary, equal to the run's job.toml.
+    assert "job/text_summary" in acc.Tags()["tensors"], acc.Tags()
+    assert acc.SummaryMetadata("job/text_summary").plugin_data.plugin_name == "text"
+    (job_event,) = acc.Tensors("job/text_summary")
+    job_text = make_ndarray(job_event.tensor_proto).item().decode()
+    assert job_text == "```toml\n" + (reference_run / "job.toml").read_text() + "\n```"
 
 
 def test_export_from_pretrained_and_generate(reference_run, tmp_path, tiny_data):

@@ -1,8 +1,16 @@
-"""The install works: Horovod built with PyTorch, MPI and Gloo, and a real 2-rank all-reduce."""
+"""The install works: Horovod built with PyTorch, MPI and Gloo, a real 2-rank all-reduce, and the
+launch environment the Makefile and the tests share."""
 
 from __future__ import annotations
 
-from conftest import BIN, SCRIPTS, mpirun, run
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ROOT, SCRIPTS, env, mpirun, run
+
+from hvdllm.launch.env import LOCAL_MPI_ENV
 
 
 def test_horovod_check_build_lists_pytorch_mpi_gloo():
@@ -11,8 +19,28 @@ def test_horovod_check_build_lists_pytorch_mpi_gloo():
         assert f"[X] {part}" in out, out
 
 
-def test_two_rank_allreduce_under_mpirun():
-    p = mpirun(2, [BIN / "python", SCRIPTS / "allreduce.py"], timeout=120)
-    lines = sorted(line for line in p.stdout.splitlines() if line.startswith("rank"))
+def test_two_rank_allreduce_under_mpirun(tmp_path):
+    out = tmp_path / "allreduce"
+    mpirun(2, [BIN / "python", SCRIPTS / "allreduce.py", out], timeout=120)
     # rank r contributes [r + 1, 10 (r + 1)]: the sum is [3, 30] on both ranks.
-    assert lines == ["rank 0 of 2: [3.0, 30.0]", "rank 1 of 2: [3.0, 30.0]"], p.stdout
+    for rank in range(2):
+        got = json.loads(Path(f"{out}.rank{rank}").read_text())
+        assert got == {"rank": rank, "size": 2, "sum": [3.0, 30.0]}
+
+
+@pytest.mark.unit
+def test_launch_environment_is_printed_for_make_and_used_by_the_tests():
+    """`python -m hvdllm.launch.env` (the Makefile's `env $(...) mpirun`) prints every setting as
+    NAME=value, and the tests' launch environment carries the same settings."""
+    p = subprocess.run([BIN / "python", "-m", "hvdllm.launch.env"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=30, check=True)
+    printed = dict(line.split("=", 1) for line in p.stdout.splitlines())
+    assert printed == LOCAL_MPI_ENV
+    # Standard library only: it also runs without site-packages (python -S).
+    bare = subprocess.run([BIN / "python", "-S", ROOT / "hvdllm" / "launch" / "env.py"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    assert bare.stdout == p.stdout
+    assert {"OMPI_ALLOW_RUN_AS_ROOT", "OMPI_MCA_rmaps_base_oversubscribe",
+            "OMPI_MCA_hwloc_base_binding_policy", "OMPI_MCA_mpi_yield_when_idle"} <= printed.keys()
+    assert LOCAL_MPI_ENV.items() <= env().items()
+    assert "$(PY) -m hvdllm.launch.env" in (ROOT / "Makefile").read_text()

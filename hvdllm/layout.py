@@ -89,7 +89,7 @@ def plan(world: int, stages: int, global_batch_size: int, micro_batch_size: int,
     per_replica, rest = divmod(global_batch_size, replicas)
     if rest:
         raise LayoutError(f"training.global_batch_size ({global_batch_size}) is not divisible by "
-                          f"the {replicas} replicas of {world} rank(s) / {stages} stage(s)")
+                          f"the {replicas} replicas ({world} ranks / {stages} stage(s))")
     mbs, m = micro_batch_size, micro_batches
     if mbs and m and mbs * m != per_replica:
         raise LayoutError(f"training.micro_batch_size ({mbs}) x parallel.micro_batches ({m}) x "

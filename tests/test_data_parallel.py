@@ -124,7 +124,8 @@ def test_export_from_pretrained_and_generate(reference_run, tmp_path, tiny_data)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hvdllm.data import TokenReader
-    from hvdllm.model import load_state_into_hf_model
+    from hvdllm.checkpoint import Checkpoint
+    from hvdllm.export import load_checkpoint_model
 
     def loss_fn(m, inputs, targets):
         logits = m(input_ids=inputs).logits
@@ -137,7 +138,7 @@ def test_export_from_pretrained_and_generate(reference_run, tmp_path, tiny_data)
     assert tok.decode(tok.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
     val = TokenReader(np.fromfile(tiny_data / "val.bin", dtype=np.uint16), 64, 8, 0)
     x, y = val.eval_batches(1, 0, 1, 8)[0]
-    ckpt_model = load_state_into_hf_model(reference_run / "checkpoints" / "step_00000020")
+    ckpt_model = load_checkpoint_model(Checkpoint(reference_run / "checkpoints" / "step_00000020"))
     with torch.no_grad():
         assert float(loss_fn(model, x, y)) == pytest.approx(float(loss_fn(ckpt_model, x, y)), rel=1e-6)
     p = run(hvdllm("generate", out, "--prompt", "def ", "--max-new-tokens", "16"))

@@ -1,8 +1,8 @@
 """The peer in `hvdllm bench`: the same training step written with torch DistributedDataParallel.
 
-Same model (hvdllm.model.build_model), same batches (TokenReader), same autocast, AdamW, learning
-rate schedule and clipping as `hvdllm train`; only the gradient exchange differs (DDP buckets over
-gloo on CPU, NCCL on GPU). Launched by `hvdllm bench` under mpirun, one process per rank:
+Same model (hvdllm.models.build_model), loss (causal_lm_loss), batches (TokenReader), autocast,
+AdamW, learning rate schedule and clipping as `hvdllm train`; only the gradient exchange differs
+(DDP buckets over gloo on CPU, NCCL on GPU). Launched by `hvdllm bench` under mpirun, one process per rank:
 
     mpirun -np 2 python -m hvdllm.bench.ddp_peer JOB.toml OUT.json [--set k=v ...]
 
@@ -21,13 +21,12 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from hvdllm.config import load_job
 from hvdllm.data import TokenReader, load_prepared
 from hvdllm.layout import job_layout
-from hvdllm.model import build_model
+from hvdllm.models import build_model, causal_lm_loss
 from hvdllm.optim import LRSchedule, build_optimizer, clip_gradients, global_grad_norm, set_lr
 from hvdllm.precision import autocast
 
@@ -72,7 +71,7 @@ def main(argv: list[str]) -> None:
             with ddp.no_sync() if not sync else contextlib.nullcontext():
                 with autocast(job.precision.dtype, device):
                     logits = ddp(input_ids=inputs.to(device)).logits
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
+                    loss = causal_lm_loss(logits, targets.to(device))
                 (loss / accumulation).backward()
         params = [p for p in model.parameters() if p.grad is not None]
         norm = global_grad_norm(params)

@@ -376,11 +376,16 @@ def test_plain_scancel_is_not_requeued(cluster, jobs):
 
 @needs_slurm
 def test_srun_without_mpi_plugin_is_one_clear_line(cluster, tiny_data, tmp_path):
-    cmd = ["srun", "--ntasks=2", "--mpi=none", BIN / "hvdllm", "train", TINY,
-           "--set", f"data.dir={tiny_data}", "--set", f"run.dir={tmp_path}"]
+    # Each task's stderr goes to its own file (%t = task id): never parse merged output.
+    cmd = ["srun", "--ntasks=2", "--mpi=none", f"--error={tmp_path}/task%t.err",
+           BIN / "hvdllm", "train", TINY,
+           "--set", f"data.dir={tiny_data}", "--set", f"run.dir={tmp_path / 'run'}"]
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120,
                        env=job_env(cluster))
-    lines = [line for line in p.stderr.splitlines() if "hvdllm train: error:" in line]
-    assert p.returncode == 2 and len(lines) == 2, p.stderr  # one line from each task
-    assert "srun started 2 tasks without an MPI plugin" in lines[0] and "--mpi=pmix" in lines[0]
-    assert "Traceback" not in p.stderr and "MPI_Init" not in p.stderr
+    assert p.returncode == 2, p.stderr
+    for task in (0, 1):  # one line from each task
+        err = (tmp_path / f"task{task}.err").read_text()
+        lines = [line for line in err.splitlines() if "hvdllm train: error:" in line]
+        assert len(lines) == 1, err
+        assert "srun started 2 tasks without an MPI plugin" in lines[0] and "--mpi=pmix" in lines[0]
+        assert "Traceback" not in err and "MPI_Init" not in err

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 from transformers import GPT2Config, PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
 
 from hvdllm.config import ModelConfig
-from hvdllm.models.spec import BlockInputs, ModelSpec, block_output, register
+from hvdllm.models.spec import FULL, BlockInputs, ModelSpec, attention_mask, block_output, register
 
 
 class GPT2Spec(ModelSpec):
@@ -30,8 +29,7 @@ class GPT2Spec(ModelSpec):
 
     def block_inputs(self, model: PreTrainedModel, hidden: torch.Tensor,
                      positions: torch.Tensor) -> BlockInputs:
-        mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None,
-                                  cache=None, position_ids=positions)
+        mask = attention_mask(FULL, model.config, hidden, positions)
         return BlockInputs(positions, [mask] * model.config.num_hidden_layers)
 
     def run_block(self, model: PreTrainedModel, index: int, hidden: torch.Tensor,

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaConfig, MistralConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from hvdllm.config import ModelConfig
-from hvdllm.models.spec import BlockInputs, ModelSpec, block_output, register
-
-FULL, SLIDING = "full_attention", "sliding_attention"
-
+from hvdllm.models.spec import (
+    FULL,
+    SLIDING,
+    BlockInputs,
+    ModelSpec,
+    attention_mask,
+    block_output,
+    register,
+)
 
 def intermediate_size(cfg: ModelConfig) -> int:
     """The MLP width: the job's, or about 8/3 x n_embd rounded up to a multiple of 64."""
@@ -57,10 +61,7 @@ class LlamaSpec(ModelSpec):
     def block_inputs(self, model: PreTrainedModel, hidden: torch.Tensor,
                      positions: torch.Tensor) -> BlockInputs:
         kinds = self.layer_types(model.config)
-        args = dict(config=model.config, inputs_embeds=hidden, attention_mask=None, cache=None,
-                    position_ids=positions)
-        masks = {FULL: create_causal_mask(**args) if FULL in kinds else None,
-                 SLIDING: create_sliding_window_causal_mask(**args) if SLIDING in kinds else None}
+        masks = {kind: attention_mask(kind, model.config, hidden, positions) for kind in set(kinds)}
         rope = model.model.rotary_emb(hidden, position_ids=positions)
         return BlockInputs(positions, [masks[k] for k in kinds], {"rope": rope})
 

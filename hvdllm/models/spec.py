@@ -98,6 +98,23 @@ class ModelSpec:
         return 6.0 * n + 12.0 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
+FULL, SLIDING = "full_attention", "sliding_attention"
+"""Attention kinds, as Hugging Face names them in config.layer_types."""
+
+
+def attention_mask(kind: str, config: PretrainedConfig, hidden: torch.Tensor,
+                   positions: torch.Tensor) -> Any:
+    """The causal (or sliding-window causal) mask Hugging Face's own forward would build.
+
+    Arguments are positional on purpose: the fourth is `past_key_values` before transformers
+    5.24 and `cache` from then on (None either way), which keeps 5.9 to 5.24 working.
+    """
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    build = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
+    return build(config, hidden, None, None, positions)
+
+
 def block_output(out: Any) -> torch.Tensor:
     """Decoder blocks return a tensor (transformers >= 5) or a tuple starting with one."""
     return out[0] if isinstance(out, tuple) else out

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hvdllm.errors import UserError
+from hvdllm.models.activations import run_checkpointed
 from hvdllm.models.spec import ModelSpec, spec_for
 
 
@@ -96,11 +97,22 @@ class Stage:
         name = self.tied[0] if self.first else self.tied[1]
         return self.model.get_parameter(name)
 
+    checkpointed: frozenset[int] = frozenset()
+    """Global indices of the blocks recomputed in backward (activations.checkpointed_blocks)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same computation as the full model's forward, restricted to this stage."""
+        """The same computation as the full model's forward, restricted to this stage.
+
+        In training (model.training, grad enabled) the blocks in `checkpointed` keep only their
+        input for backward and are recomputed there; evaluation never checkpoints.
+        """
         positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         hidden = self.spec.embed(self.model, x, positions) if self.first else x
         inputs = self.spec.block_inputs(self.model, hidden, positions)
+        training = self.model.training and torch.is_grad_enabled()
         for i in self.layers:
-            hidden = self.spec.run_block(self.model, i, hidden, inputs)
+            if training and i in self.checkpointed:
+                hidden = run_checkpointed(self.spec.run_block, self.model, i, hidden, inputs)
+            else:
+                hidden = self.spec.run_block(self.model, i, hidden, inputs)
         return self.spec.head(self.model, hidden) if self.last else hidden

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="timed steps per launch (default 20, quick 6)")
     p.add_argument("--case-studies", type=int, default=0, metavar="STEPS",
                    help="also train fp32 vs bf16 and SGD vs momentum vs AdamW for STEPS steps each")
+    p.add_argument("--data", action="store_true", help="instead: data preparation rows (MB/s, "
+                   "tokens/s on 1 and all cores, the tokenizer's own rate, peak memory at 1x and 8x)")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
     p.add_argument("source", help="run directory (latest checkpoint) or checkpoint directory")
     p.add_argument("out_dir", help="output folder for from_pretrained")
@@ -76,8 +78,9 @@ def run(args: argparse.Namespace) -> None:
         print(dump_toml(load_job(args.job, args.overrides)), end="")
     elif args.command == "prepare":
         from hvdllm.data import prepare
+        from hvdllm.data.world import launched_world
 
-        prepare(load_job(args.job, args.overrides))
+        prepare(load_job(args.job, args.overrides), launched_world())  # mpirun: ranks share the work
     elif args.command == "train":
         job = load_job(args.job, args.overrides)  # validated before any rank starts MPI
         from hvdllm.train import train
@@ -85,6 +88,11 @@ def run(args: argparse.Namespace) -> None:
         train(job, args.resume, args.fresh)
     elif args.command == "slurm":
         _slurm(args)
+    elif args.command == "bench" and args.data:
+        from hvdllm.bench.data_prep import data_bench, data_markdown
+
+        print(data_markdown(data_bench(args.job, args.overrides, Path(args.out), args.quick,
+                                       args.repeats)), end="")
     elif args.command == "bench":
         from hvdllm.bench import bench, markdown
 

@@ -13,8 +13,8 @@ from conftest import TINY, hvdllm, run
 from transformers import AutoTokenizer
 
 from hvdllm.config import load_job
-from hvdllm.data import TokenReader, load_prepared, prepare
-from hvdllm.data.prepare import _split
+from hvdllm.data import TokenReader, load_prepared, prepare, read_prepared
+from hvdllm.data.shards import is_val
 from hvdllm.data.sources import iter_documents, resolve_source, source_files
 from hvdllm.data.tokenizer import train_bpe
 
@@ -54,7 +54,9 @@ def test_bpe_round_trip_on_stdlib_text():
 def test_prepare_writes_tokens_meta_and_loadable_tokenizer(tiny_data):
     meta = json.loads((tiny_data / "meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 512
-    train = np.fromfile(tiny_data / "train.bin", dtype=np.uint16)
+    assert [name for name, _, _ in meta["train"]["shards"]] == ["train/00000-0000.bin"]
+    train = np.asarray(read_prepared(tiny_data).tokens("train"))
+    assert train.dtype == np.uint16
     assert train.size == meta["train"]["tokens"] > 10_000
     assert meta["val"]["documents"] >= 1 and meta["train"]["documents"] > meta["val"]["documents"]
     tok = AutoTokenizer.from_pretrained(str(tiny_data / "tokenizer"))  # transformers' own loader
@@ -71,9 +73,10 @@ def test_prepare_is_a_no_op_when_unchanged_and_rebuilds_on_change(tmp_path):
         (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "hello world, tokens! " * (50 + i))
     job = load_job(TINY, [f"data.source={corpus}", f"data.dir={tmp_path / 'data'}", "data.vocab_size=300"])
     first = prepare(job)
-    stamp = (first.dir / "train.bin").stat().st_mtime_ns
+    shard = first.shard_paths("train")[0]
+    stamp = shard.stat().st_mtime_ns
     assert prepare(job).meta == first.meta
-    assert (first.dir / "train.bin").stat().st_mtime_ns == stamp  # nothing rewritten
+    assert shard.stat().st_mtime_ns == stamp  # nothing rewritten
     (corpus / "doc0.txt").write_text("changed " * 100)
     assert prepare(job).meta["key"] != first.meta["key"]
     job.data.vocab_size = 320
@@ -89,7 +92,7 @@ def test_jsonl_source_and_bad_lines(tmp_path):
     src.write_text('{"txt": "no text field"}\n')
     p = run(hvdllm("prepare", TINY, "--set", f"data.source={src}", "--set",
                    f"data.dir={tmp_path / 'e'}"), check=False)
-    assert p.returncode == 2 and 'c.jsonl:1: expected a JSON object with a "text" field' in p.stderr
+    assert p.returncode == 2 and "c.jsonl: record 1: no 'text' field" in p.stderr
 
 
 def write_shards(corpus: Path) -> None:
@@ -118,7 +121,8 @@ def test_directory_and_glob_of_jsonl_shards(tmp_path):
                           "data.vocab_size=300"])
     moved_docs = list(iter_documents(resolve_source(job.data.source)))
     assert [d.name for d in moved_docs] == [d.name for d in docs]
-    assert [d.name for d in _split(moved_docs, job)[1]] == [d.name for d in _split(docs, job)[1]]
+    val = [d.name for d in docs if is_val(d.name, job.run.seed, job.data.val_fraction)]
+    assert [d.name for d in moved_docs if is_val(d.name, job.run.seed, job.data.val_fraction)] == val
     meta = prepare(job).meta
     assert meta["files"] == 3 and meta["train"]["documents"] + meta["val"]["documents"] == 30
 
@@ -146,7 +150,7 @@ def test_loading_needs_only_the_prepared_directory(tmp_path):
         prepare(job)
     meta = json.loads((data / "meta.json").read_text())
     (data / "meta.json").write_text(json.dumps({**meta, "format": 1}))
-    with pytest.raises(ValueError, match="has format 1, this hvdllm reads format 2"):
+    with pytest.raises(ValueError, match="has format 1, this hvdllm reads format 3"):
         load_prepared(load_job(TINY, sets))
 
 

@@ -120,10 +120,9 @@ def test_tensorboard_and_metrics_agree(reference_run):
 
 
 def test_export_from_pretrained_and_generate(reference_run, tmp_path, tiny_data):
-    import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hvdllm.data import TokenReader
+    from hvdllm.data import TokenReader, read_prepared
     from hvdllm.checkpoint import Checkpoint
     from hvdllm.export import load_checkpoint_model
 
@@ -136,7 +135,7 @@ def test_export_from_pretrained_and_generate(reference_run, tmp_path, tiny_data)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.decode(tok.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
-    val = TokenReader(np.fromfile(tiny_data / "val.bin", dtype=np.uint16), 64, 8, 0)
+    val = TokenReader(read_prepared(tiny_data).tokens("val"), 64, 8, 0)
     x, y = val.eval_batches(1, 0, 1, 8)[0]
     ckpt_model = load_checkpoint_model(Checkpoint(reference_run / "checkpoints" / "step_00000020"))
     with torch.no_grad():

@@ -1,4 +1,8 @@
-"""Deterministic training windows from a memory-mapped token file.
+"""Deterministic training windows from memory-mapped token shards.
+
+The tokens are a numpy array or hvdllm.data.index.ShardedTokens (a split's memory-mapped
+shards read as one sequence; a window may cross a shard boundary), so offsets mean the same
+whatever the shard layout.
 
 Every optimizer step draws one *global* batch of `global_batch_size` windows, each
 `seq_len + 1` tokens long, at offsets chosen by a generator seeded with (seed, step). A rank
@@ -11,14 +15,19 @@ takes its own slice of that batch, so:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from hvdllm.errors import UserError
 
+if TYPE_CHECKING:
+    from hvdllm.data.index import ShardedTokens
+
 
 class TokenReader:
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch_size: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray | ShardedTokens, seq_len: int, global_batch_size: int, seed: int) -> None:
         if tokens.size < seq_len + 2:
             raise UserError(f"only {tokens.size} tokens: too few for windows of {seq_len + 1}")
         self.tokens = tokens

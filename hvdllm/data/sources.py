@@ -1,28 +1,32 @@
-"""Where documents come from: the Python standard library, a directory, a glob, or .jsonl files.
+"""Where documents come from: the Python standard library, directories, globs, corpus files.
 
-A source resolves to a root directory and a sorted list of files. Each file is read by the
-reader for its suffix (`READERS`): a text file is one document, a .jsonl file one document per
-line. A document's name is its path relative to the root (plus `:line` for .jsonl), so the
-train/val split, which hashes the name, does not depend on where the corpus lies. New formats
-go here: add a reader and its suffix.
+A source resolves to a root directory and a sorted list of files: text files, .jsonl (also
+.gz and .zst), .parquet, and the .arrow files of a Hugging Face dataset saved with
+`save_to_disk` (a directory holding state.json or dataset_dict.json; nothing is fetched from a
+hub). hvdllm.data.formats reads each file as records. A document's name is its path relative to
+the root (plus `:n` for the n-th record of a file), so the train/val split, which hashes the
+name, does not depend on where the corpus is mounted. New formats go in formats.py.
+
+`plan_units` groups the files, in order, into work units: the pieces that workers and ranks
+tokenize independently, and that an interrupted `prepare` keeps.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import sysconfig
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
+from hvdllm.data.formats import SUFFIXES, read_records, suffix_of
 from hvdllm.errors import UserError
 
-TEXT_SUFFIXES = (".txt", ".py", ".md")
-SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
+DATASET_MANIFESTS = ("state.json", "dataset_dict.json")
+"""A directory holding one of these is a dataset saved with `datasets.save_to_disk`."""
 
 STDLIB_SKIP_DIRS = frozenset({
     "site-packages", "dist-packages", "__pycache__",  # installed packages, bytecode
@@ -54,12 +58,34 @@ class Source:
         return Path(os.path.relpath(path, self.root)).as_posix()
 
 
+def _dataset_files(top: Path) -> list[Path]:
+    """The .arrow files of a dataset saved with `datasets.save_to_disk` (every split of a
+    DatasetDict), as its own manifest lists them; loaded from local files only."""
+    from datasets import load_from_disk
+
+    try:
+        ds = load_from_disk(str(top))
+    except Exception as e:  # datasets raises many kinds for a damaged folder
+        raise UserError(f"{top}: cannot read this saved dataset ({e})") from None
+    caches = ds.cache_files.values() if isinstance(ds.cache_files, dict) else [ds.cache_files]
+    return [Path(c["filename"]) for files in caches for c in files]
+
+
+def is_dataset_dir(path: Path) -> bool:
+    return any((path / m).is_file() for m in DATASET_MANIFESTS)
+
+
 def _walk(top: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
-    """Every file under top with a known suffix, not descending into skip_dirs; sorted."""
+    """Every file under top with a known suffix, not descending into skip_dirs; sorted. A saved
+    dataset below top contributes its .arrow files."""
     found = []
     for dirpath, dirnames, filenames in os.walk(top):
+        if is_dataset_dir(Path(dirpath)):
+            found += _dataset_files(Path(dirpath))
+            dirnames[:] = []
+            continue
         dirnames[:] = [d for d in dirnames if d not in skip_dirs]
-        found += [Path(dirpath, f) for f in filenames if Path(f).suffix in SUFFIXES]
+        found += [Path(dirpath, f) for f in filenames if suffix_of(f) in SUFFIXES]
     return sorted(found)
 
 
@@ -98,10 +124,11 @@ def resolve_source(source: str) -> Source:
         found = Source(Path(source), tuple(_walk(Path(source))))
     else:
         files = sorted(Path(p) for p in glob.glob(source, recursive=True)
-                       if Path(p).is_file() and Path(p).suffix in SUFFIXES)
+                       if Path(p).is_file() and suffix_of(p) in SUFFIXES)
         found = Source(_glob_root(source), tuple(files))
     if not found.files:
-        raise UserError(f"data.source {source!r} matches no .txt/.py/.md/.jsonl files")
+        raise UserError(f"data.source {source!r} matches no corpus files "
+                        f"({'/'.join(SUFFIXES)} or a saved dataset)")
     return found
 
 
@@ -110,42 +137,47 @@ def source_files(source: str) -> list[Path]:
     return list(resolve_source(source).files)
 
 
-def fingerprint_files(files: list[Path] | tuple[Path, ...]) -> str:
-    """A cheap fingerprint of the inputs (path, size, mtime): changes when any input changes."""
+def fingerprint_files(source: Source) -> str:
+    """A cheap fingerprint of the inputs (name relative to the root, size, mtime): changes when
+    any input changes, not when the corpus is mounted elsewhere."""
     h = hashlib.sha256()
-    for p in files:
+    for p in source.files:
         st = p.stat()
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{source.name_of(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _text_documents(path: Path, name: str) -> Iterator[Document]:
-    """A text file is one document; undecodable bytes are replaced, blank files skipped."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if text.strip():
-        yield Document(name, text)
-
-
-def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
-    """One document per non-empty line, from its "text" field; a bad line is a UserError."""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
-            if text:
-                yield Document(f"{name}:{lineno}", str(text))
-
-
-READERS: dict[str, Callable[[Path, str], Iterator[Document]]] = {
-    ".jsonl": _jsonl_documents, **{suffix: _text_documents for suffix in TEXT_SUFFIXES}}
-"""File suffix -> the function that yields its documents."""
-
-
-def iter_documents(source: Source) -> Iterator[Document]:
-    """Yield the source's documents in file order (empty documents skipped)."""
+def iter_documents(source: Source, field: str = "text") -> Iterator[Document]:
+    """Yield the source's documents in file order (empty ones skipped; a bad record raises)."""
     for path in source.files:
-        yield from READERS[path.suffix](path, source.name_of(path))
+        for rec in read_records(path, source.name_of(path), field):
+            if rec.text is None:
+                raise UserError(f"{path}: record {rec.name.rpartition(':')[2]}: {rec.problem}")
+            yield Document(rec.name, rec.text)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Consecutive files tokenized together: by one worker, on one rank, into their own shards."""
+    index: int
+    files: tuple[Path, ...]
+    names: tuple[str, ...]
+    bytes: int
+
+
+def plan_units(source: Source, unit_bytes: int) -> list[Unit]:
+    """Group the files, in order, into units of at least unit_bytes on disk (the last may be
+    smaller; a larger file is a unit alone). Depends only on the source, never on the number of
+    workers or ranks, so every layout writes the same shards."""
+    units: list[Unit] = []
+    files: list[Path] = []
+    size = 0
+    for path in source.files:
+        files.append(path)
+        size += path.stat().st_size
+        if size >= unit_bytes:
+            units.append(Unit(len(units), tuple(files), tuple(map(source.name_of, files)), size))
+            files, size = [], 0
+    if files:
+        units.append(Unit(len(units), tuple(files), tuple(map(source.name_of, files)), size))
+    return units

@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from hvdllm.data.formats import bad_record, read_records
 from hvdllm.errors import UserError
+
+if TYPE_CHECKING:
+    from hvdllm.data.sources import Unit
 
 EOS = "<|endoftext|>"
 
@@ -48,3 +52,28 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     if not file.is_file():
         raise UserError(f"{path} is not a Hugging Face tokenizer directory (no tokenizer.json)")
     return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+
+
+def sample_texts(units: list[Unit], budget: int, field: str, keep: Callable[[str], bool],
+                 skip_bad: bool = False) -> Iterator[str]:
+    """A bounded, deterministic sample to train the tokenizer on: from every unit in turn, its
+    first kept documents up to an equal share of `budget` UTF-8 bytes,
+    the last one cut to fit. The sample never exceeds `budget`, whatever the corpus size.
+    A bad record met on the way raises (formats.bad_record) unless `skip_bad`."""
+    share = budget // max(len(units), 1)
+    for unit in units:
+        left = share
+        for path, name in zip(unit.files, unit.names):
+            for rec in read_records(path, name, field):
+                if left <= 0:
+                    break
+                if rec.text is None:
+                    bad_record(path, rec, skip_bad)
+                    continue
+                if not keep(rec.name):
+                    continue
+                data = rec.text.encode("utf-8", errors="replace")[:left]
+                left -= len(data)
+                yield data.decode("utf-8", errors="ignore")
+            if left <= 0:
+                break

@@ -33,7 +33,7 @@ test-bench: setup
 
 demo: setup
 	$(VENV)/bin/hvdllm prepare jobs/quickstart.toml
-	$(MPIRUN) $(VENV)/bin/hvdllm train jobs/quickstart.toml
+	$(MPIRUN) $(VENV)/bin/hvdllm train jobs/quickstart.toml --resume auto  # again: continues, never mixes
 	$(VENV)/bin/hvdllm export runs/quickstart runs/quickstart/export
 	$(VENV)/bin/hvdllm generate runs/quickstart/export --prompt "def "
 

@@ -45,7 +45,24 @@ class DataConfig:
     "python-stdlib/email": one package of it, with the same exclusions below it. Otherwise a
     directory (its .txt/.py/.md/.jsonl files, recursively), a glob of such files
     ("corpus/*.jsonl"), or one .jsonl file; each .jsonl line is a JSON object with a "text"
-    field."""
+    field. Also .jsonl.gz, .jsonl.zst and .parquet files, and a Hugging Face dataset saved with
+    save_to_disk (its directory; every split); read from local files only."""
+    text_field: str = "text"
+    """The field of a .jsonl record, or the column of a parquet file or saved dataset, that
+    holds the document's text."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A record without the text field, or whose field is not a string: "error" stops prepare
+    with one line naming the file and record (exit 2); "skip" leaves it out and counts it (the
+    count and the first such record are logged at the end)."""
+    tokenizer_sample_bytes: int = 50_000_000
+    """The BPE is trained on at most this many bytes of training documents: an equal share from
+    the start of every work unit, so tokenizer training does not grow with the corpus."""
+    shard_bytes: int = 64_000_000
+    """Input files are grouped, in order, into work units of about this many bytes on disk (a
+    larger file is a unit alone), tokenized in parallel; a unit writes token shards of about
+    this many bytes. Changes the files, not the tokens."""
+    workers: int = 0
+    """Tokenizer processes per rank for prepare; 0: this rank's share of the node's cores."""
     tokenizer: str = "bpe"
     """"bpe" trains a byte-level BPE on the corpus; otherwise a local Hugging Face tokenizer dir."""
     vocab_size: int = 8192
@@ -110,6 +127,13 @@ class TrainingConfig:
     threads: int = 0
     """Torch intra-op threads per rank on CPU; 0 divides the machine's cores among the local ranks
     (ignored on GPUs)."""
+    activation_checkpointing: Literal["none", "blocks"] = "none"
+    """"blocks" keeps only each checkpointed decoder block's input for backward and recomputes
+    the block there (non-reentrant, same dropout masks): less activation memory for about one
+    more forward. "none" keeps every activation. Evaluation never checkpoints."""
+    checkpoint_every_blocks: int = 1
+    """With activation_checkpointing = "blocks": checkpoint the blocks whose index (0-based, in
+    the full model, whatever the layout) is a multiple of this; 1 checkpoints every block."""
 
 
 @dataclass
@@ -373,6 +397,7 @@ def validate(job: JobConfig) -> None:
                           ("parallel", "peer_timeout_s")]:
         need(getattr(getattr(job, section), name) >= 0, f"{section}.{name} must be >= 0")
     need(job.training.keep_checkpoints >= 1, "training.keep_checkpoints must be >= 1")
+    need(job.training.checkpoint_every_blocks >= 1, "training.checkpoint_every_blocks must be >= 1")
     for section, name, limit, why in LIMITS:
         need(getattr(getattr(job, section), name) <= limit,
              f"{section}.{name} = {getattr(getattr(job, section), name)} is over {limit:,}: {why}")

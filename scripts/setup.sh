@@ -74,10 +74,10 @@ apply_patches() {
 make_venv() {
     [ -x "$PY" ] || { say "creating $VENV"; python3 -m venv "$VENV"; }
     # torch is pinned: an unpinned torch pulls a multi-GB CUDA build, and Horovod is compiled
-    # against this exact version. Everything the Horovod build imports is installed first.
+    # against this exact version. Everything the Horovod build imports is installed first;
+    # hvdllm's own dependencies come from setup.cfg at the end (one list, not two).
     pip_ install -q --upgrade pip wheel setuptools
-    pip_ install -q "torch==$TORCH_VERSION" numpy mpi4py cloudpickle psutil pyyaml \
-        packaging cffi "transformers>=4.40" tokenizers tensorboard matplotlib pytest
+    pip_ install -q "torch==$TORCH_VERSION" numpy mpi4py cloudpickle psutil pyyaml packaging cffi
 }
 
 horovod_ok() {
@@ -139,5 +139,5 @@ install_patch_tool
 make_venv
 install_horovod
 check_horovod
-pip_ install -q --no-deps -e "${ROOT}[dev]"
+pip_ install -q -e "${ROOT}[dev]"  # hvdllm and the dependencies setup.cfg declares
 say "ready: $VENV (torch $TORCH_VERSION, Horovod $HOROVOD_VERSION with PyTorch, MPI and Gloo)"

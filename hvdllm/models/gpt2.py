@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import GPT2Config, PretrainedConfig, PreTrainedModel
 
@@ -21,6 +23,13 @@ class GPT2Spec(ModelSpec):
                           n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout,
                           embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                           bos_token_id=0, eos_token_id=0)
+
+    def init_rule(self, module, attr: str, name: str, config: PretrainedConfig) -> tuple[str, float]:
+        """GPT-2's scheme: the residual projections (attention and MLP c_proj) start smaller,
+        N(0, initializer_range / sqrt(2 x layers)), two residual paths per block."""
+        if name.endswith("c_proj.weight"):
+            return "normal", config.initializer_range / math.sqrt(2 * config.n_layer)
+        return super().init_rule(module, attr, name, config)
 
     def embed(self, model: PreTrainedModel, tokens: torch.Tensor,
               positions: torch.Tensor) -> torch.Tensor:

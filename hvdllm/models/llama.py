@@ -46,6 +46,11 @@ class LlamaSpec(ModelSpec):
     def hf_config(self, cfg: ModelConfig, vocab_size: int, seq_len: int) -> PretrainedConfig:
         return LlamaConfig(**self.common_sizes(cfg, vocab_size, seq_len))
 
+    def rebuild_buffers(self, model: PreTrainedModel) -> None:
+        """The rotary frequencies are not saved: compute them again on the CPU."""
+        with torch.device("cpu"):
+            model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+
     def layer_types(self, config: PretrainedConfig) -> list[str]:
         """Each block's attention kind: Qwen2 lists them; Mistral windows all when it has one."""
         declared = getattr(config, "layer_types", None)

@@ -51,6 +51,22 @@ class ModelSpec:
         """The Hugging Face config of a fresh model with the job's sizes."""
         raise NotImplementedError
 
+    def init_rule(self, module: nn.Module, attr: str, name: str,
+                  config: PretrainedConfig) -> tuple[str, float]:
+        """How parameter `name` starts: ("normal", std), ("ones", 0) or ("zeros", 0).
+
+        Norm weights start at one and biases at zero; every matrix and embedding is drawn from
+        N(0, initializer_range), as Hugging Face's own init does for these families.
+        """
+        if "norm" in type(module).__name__.lower():
+            return ("ones", 0.0) if attr == "weight" else ("zeros", 0.0)
+        if attr == "bias":
+            return "zeros", 0.0
+        return "normal", float(config.initializer_range)
+
+    def rebuild_buffers(self, model: PreTrainedModel) -> None:
+        """Recompute buffers that checkpoints do not hold, after materialising on a device."""
+
     # -- where things are ---------------------------------------------------------------------
     def base(self, model: PreTrainedModel) -> nn.Module:
         return getattr(model, self.base_attr)

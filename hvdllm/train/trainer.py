@@ -15,7 +15,16 @@ from hvdllm.errors import UserError
 from hvdllm.layout import job_layout
 from hvdllm.log import logger, setup_logging
 from hvdllm.metrics import measure_peak_tflops
-from hvdllm.models import Stage, build_model, count_parameters, flops_per_token, partition_for
+from hvdllm.models import (
+    Stage,
+    count_parameters,
+    empty_model,
+    fill_weights,
+    flops_per_token,
+    model_config,
+    partition_for,
+)
+from hvdllm.models.activations import checkpointed_blocks
 from hvdllm.optim import LRSchedule, build_optimizer, scaled_peak_lr
 from hvdllm.parallel.data_parallel import broadcast_parameters
 from hvdllm.parallel.grad_sync import AllReduceSync
@@ -87,14 +96,22 @@ def prepared_data(job: JobConfig, topo: Topology) -> PreparedData:
 
 
 def build_stage(job: JobConfig, topo: Topology, vocab_size: int) -> tuple[Stage, float]:
-    """This rank's stage of the model (the whole model with one stage) and FLOPs per token."""
-    model = build_model(job.model, vocab_size, job.data.seq_len, job.run.seed)
+    """This rank's stage of the model (the whole model with one stage) and FLOPs per token.
+
+    The model is built on the meta device and cut to the stage before any memory is taken, so
+    a rank never allocates a parameter it does not own; its weights come from (seed, name).
+    """
+    model = empty_model(model_config(job.model, vocab_size, job.data.seq_len))
     fpt = flops_per_token(model, job.data.seq_len)
     layers = partition_for(model, topo.stages, job.parallel.stage_layers or None)
     if topo.rank == 0 and topo.stages > 1:
         logger.info("stages: %s", ", ".join(f"{s}: blocks {r.start}-{r.stop - 1}"
                                             for s, r in enumerate(layers)))
-    return Stage(model, layers[topo.stage], topo.is_first_stage, topo.is_last_stage), fpt
+    stage = Stage(model, layers[topo.stage], topo.is_first_stage, topo.is_last_stage)
+    stage.checkpointed = checkpointed_blocks(job.training.activation_checkpointing,
+                                             job.training.checkpoint_every_blocks, job.model.n_layer)
+    fill_weights(stage.model, job.model, job.run.seed)
+    return stage, fpt
 
 
 def setup(job: JobConfig, resume: str | None, fresh: bool = False) -> Trainer:

@@ -174,7 +174,7 @@ def test_cli_writes_script_and_run_dir(tmp_path):
                    "1", "--launcher", "mpirun", "--partition", "cpu", "--time", "30", "-o", out))
     text = out.read_text()
     assert p.stdout == "" and "#SBATCH --nodes=2\n" in text and "#SBATCH --partition=cpu" in text
-    assert "\nmpirun -np" in text and "#SBATCH --time=30\n" in text
+    assert "start_train() { mpirun -np" in text and "#SBATCH --time=30\n" in text
     assert run_dir.is_dir()  # Slurm opens the log files there before the job starts
     assert run(hvdllm("slurm", TINY, "--set", f"run.dir={run_dir}")).stdout.startswith("#!/bin/bash")
 

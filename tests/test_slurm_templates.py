@@ -58,7 +58,8 @@ def test_every_launcher_fills_every_part_of_the_common_template(tmp_path, launch
 def test_parts_go_in_whole_and_values_are_not_read_as_placeholders(tmp_path):
     text = render(load_job(TINY, ["run.name={{launch}}"]), TINY, workdir=tmp_path)
     assert "#SBATCH --job-name=\"{{launch}}\"\n" in text  # a value's braces stay text
-    assert "\nsrun --mpi=pmix --kill-on-bad-exit=0 \"${rank[@]}\" &\nlauncher_pid=$!\n" in text
+    assert "\nstart_train() { srun --mpi=pmix --kill-on-bad-exit=0 \"${rank[@]}\" & }\n" in text
+    assert "\nrun_step start_prepare\n" in text and "\n    run_step start_train\n" in text
 
 
 def test_parse_parts_ignores_the_description_and_keeps_lines():

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="start over in a run directory that holds a run: its checkpoints, "
                         "metrics and events move to RUN_DIR/previous/<time>/ first")
+    p = sub.add_parser("memory", help="predict per-rank memory of the job on WORLD ranks (meta device only)")
+    _job_args(p)
+    p.add_argument("--world", type=int, required=True, help="ranks the job would run on")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the ranks run")
     p = sub.add_parser("slurm", help="render an sbatch script for the job (templates in hvdllm/launch/templates)")
     _job_args(p)
     for flag, kind in [("--nodes", int), ("--tasks-per-node", int), ("--gpus-per-node", int),
@@ -86,6 +90,12 @@ def run(args: argparse.Namespace) -> None:
         from hvdllm.train import train
 
         train(job, args.resume, args.fresh)
+    elif args.command == "memory":
+        from hvdllm.train.memory import predict, table
+
+        job = load_job(args.job, args.overrides)
+        print(table(predict(job, args.world, args.device), f"{args.job} on {args.world} ranks "
+                    f"({args.device})"), end="")
     elif args.command == "slurm":
         _slurm(args)
     elif args.command == "bench" and args.data:
@@ -117,12 +127,25 @@ def _slurm(args: argparse.Namespace) -> None:
     SlurmOptions(nodes=args.nodes, tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
                  partition=args.partition, time=args.time, launcher=args.launcher).apply(job.slurm)
     script = render(job, Path(args.job), args.overrides)
+    if job.slurm.gpu_memory_gb > 0:
+        _warn_if_too_big(job)
     job.run_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens the job's log files there
     if args.output:
         Path(args.output).write_text(script)
         print(f"wrote {args.output}: sbatch {args.output}", file=sys.stderr)
     else:
         print(script, end="")
+
+
+def _warn_if_too_big(job) -> None:
+    """One line on stderr when the predicted per-rank peak exceeds slurm.gpu_memory_gb."""
+    from hvdllm.train.memory import predict
+
+    world = job.slurm.nodes * job.slurm.tasks_per_node
+    peak = max(r.predicted_peak for r in predict(job, world, "cuda")) / 2**30
+    if peak > job.slurm.gpu_memory_gb:
+        print(f"hvdllm slurm: warning: predicted per-rank peak {peak:.1f} GiB does not fit "
+              f"slurm.gpu_memory_gb = {job.slurm.gpu_memory_gb:g} (see hvdllm memory)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,12 +25,13 @@ from hvdllm.metrics import MetricsWriter
 from hvdllm.models import count_parameters
 from hvdllm.parallel.schedules import bubble_fraction
 from hvdllm.preemption import Preempted, StopRequest
+from hvdllm.train.memory import rank_memory, record_peaks, startup_line
 from hvdllm.train.resume import save_checkpoint
 from hvdllm.train.step import evaluate, train_step
 from hvdllm.train.trainer import Trainer, setup
 
 
-def write_run_info(t: Trainer) -> None:
+def write_run_info(t: Trainer, memory: dict | None = None) -> None:
     """run_dir/run_info.json: the numbers behind the metrics (for `hvdllm bench` and readers)."""
     topo, layout = t.topo, t.topo.layout
     collectives = t.sync.bytes_per_step()
@@ -41,6 +42,10 @@ def write_run_info(t: Trainer) -> None:
             "allreduce_payload_bytes_rank0": collectives["allreduce_payload_bytes"],
             "allreduce_dtype": collectives["allreduce_dtype"],
             "device": str(t.device), "torch": torch.__version__, "horovod": horovod.__version__}
+    info.update({f"{k}_rank0" if k.endswith("_bytes") else k: v for k, v in collectives.items()
+                 if k.startswith(("reducescatter", "allgather"))})  # ZeRO-1's two collectives
+    if memory:
+        info["memory"] = memory  # per-rank bytes (train/memory.py); measured peaks added at the end
     (t.job.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -79,12 +84,14 @@ def train(job: JobConfig, resume: str | None = None, fresh: bool = False) -> dic
     """
     stop = StopRequest()  # before setup: a signal during start-up is honoured after step one
     t = setup(job, resume, fresh)
+    memory = rank_memory(t)  # every rank: exact counts and one measured micro-batch, gathered
+    logger.info("%s", startup_line(memory))
     writer = None
     if t.topo.rank == 0:
         job.run_dir.mkdir(parents=True, exist_ok=True)
         (job.run_dir / "job.toml").write_text(dump_toml(job))
         writer = MetricsWriter(job.run_dir, dump_toml(job), job.training.steps, t.start_step)
-        write_run_info(t)
+        write_run_info(t, memory)
     tokens_per_step = job.training.global_batch_size * job.data.seq_len
     every = job.training
     last: dict[str, float] = {}
@@ -113,6 +120,7 @@ def train(job: JobConfig, resume: str | None = None, fresh: bool = False) -> dic
             if writer:
                 writer.close()
             raise Preempted(done, signalled)
+    record_peaks(t, memory, job.run_dir / "run_info.json")  # every rank's measured peak
     if writer:
         if "val_loss" in last:
             logger.info("done: val loss %.4f, val ppl %.2f", last["val_loss"], last["val_ppl"])

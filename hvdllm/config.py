@@ -193,7 +193,11 @@ class ParallelConfig:
     stage_layers: list[int] = field(default_factory=list)
     """Decoder blocks per stage (sums to n_layer); empty balances automatically."""
     compression: Literal["none", "fp16"] = "none"
-    """Gradient compression for the all-reduce: "fp16" halves the bytes sent."""
+    """Gradient compression for the all-reduce (with zero = 1: the reduce-scatter): "fp16" halves
+    the bytes sent."""
+    zero: int = 0
+    """1: ZeRO-1, each stage's optimizer state split over its replicas (gradients reduce-scattered,
+    each replica updates its slice, parameters all-gathered); 0: plain data parallelism."""
     peer_timeout_s: float = 300.0
     """Seconds a rank waits for another (a pipeline message, an all-reduce, a barrier) before it
     ends the job with a message saying what it waited for; 0 waits forever."""
@@ -211,6 +215,9 @@ class SlurmConfig:
     """Ranks per node: one per GPU, or per share of the cores on CPU-only nodes."""
     gpus_per_node: int = 0
     """GPUs to allocate per node (0: CPU-only nodes, no GPU request)."""
+    gpu_memory_gb: float = 0
+    """Memory of one GPU in GiB (e.g. 80): `hvdllm slurm` warns when the predicted per-rank peak
+    (`hvdllm memory`) does not fit it; 0: unknown, no check."""
     cpus_per_task: int = 0
     """CPU cores per rank (torch threads); 0 leaves it to Slurm's default."""
     time: str = "01:00:00"
@@ -413,6 +420,7 @@ def validate(job: JobConfig) -> None:
     need(job.model.n_head % kv == 0, "model.n_head must be a multiple of model.n_kv_head")
     need(0 <= job.model.dropout < 1, "model.dropout must be in [0, 1)")
     need(job.model.sliding_window >= 0, "model.sliding_window must be >= 0")
+    need(job.parallel.zero in (0, 1), f"parallel.zero = {job.parallel.zero}: expected 0 or 1")
     need(not job.model.sliding_window or job.model.family in ("mistral", "qwen2"),
          f"model.sliding_window is for mistral and qwen2, not {job.model.family}")
     need(not job.model.tie_embeddings or job.model.family != "gpt2",

@@ -10,10 +10,20 @@ import torch
 from hvdllm.config import OptimConfig
 
 
+def decays(p: torch.nn.Parameter) -> bool:
+    """Matrices (2 or more dimensions, embeddings included) decay; biases and norm weights not."""
+    return p.dim() >= 2
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW/Adam/Adagrad/SGD with two groups: matrices decay, biases/norms/1-D weights do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return optimizer_for([p for p in params if decays(p)], [p for p in params if not decays(p)],
+                         cfg, lr)
+
+
+def optimizer_for(decay: list, no_decay: list, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The job's optimizer over two groups of tensors: with and without weight decay."""
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "adamw":

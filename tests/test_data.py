@@ -207,3 +207,12 @@ def test_eval_windows_split_across_replicas():
 
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
+
+
+def test_the_launchers_world_size_under_srun_pmix():
+    """srun --mpi=pmix sets PMIX_RANK but no size; the step's task count gives it."""
+    from hvdllm.data.world import launcher_size
+
+    assert launcher_size({"PMIX_RANK": "1", "SLURM_STEP_NUM_TASKS": "2"}) == 2
+    assert launcher_size({"SLURM_STEP_NUM_TASKS": "2"}) == 1  # srun --mpi=none: no MPI world
+    assert launcher_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4 and launcher_size({}) == 1

@@ -28,8 +28,12 @@ def test_gradient_parity_one_process_vs_two_ranks(tmp_path, tiny_data):
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
     fp16 = gradients(2, tmp_path, tiny_data, "parallel.compression=fp16")
-    for name in one:  # fp16 keeps ~3 significant digits of each gradient
-        torch.testing.assert_close(fp16[name], one[name], rtol=2e-3, atol=1e-5, msg=name)
+    # fp16 keeps ~3 significant digits of each rank's share, rounded before the sum; shares
+    # can cancel, so a small sum may carry its shares' rounding: the absolute tolerance follows
+    # the tensor's largest gradient (2e-3 of it), the relative one each element (2e-3).
+    for name in one:
+        atol = 2e-3 * float(one[name].abs().max())
+        torch.testing.assert_close(fp16[name], one[name], rtol=2e-3, atol=atol, msg=name)
     assert any(not torch.equal(fp16[n], one[n]) for n in one)  # compression really happened
 
 

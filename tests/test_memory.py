@@ -40,8 +40,8 @@ def test_optimizer_bytes_equal_the_state_after_a_step(name, momentum):
     stage.forward(torch.randint(0, 100, (2, 40))).float().mean().backward()
     opt.step()
     assert memory.counted_optimizer_bytes(opt) == memory.optimizer_state_bytes(params, cfg)
-    assert memory.optimizer_state_bytes(params, cfg, zero_replicas=4) <= \
-        memory.optimizer_state_bytes(params, cfg) // 4 + 4 * len(params) + 4
+    assert memory.zero_optimizer_bytes(params, cfg, 4) <= \
+        memory.optimizer_state_bytes(params, cfg) // 4 + 4 * len(params) + 8 * 4
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -87,3 +87,19 @@ def test_memory_command_and_slurm_warning(tmp_path):
     q = subprocess.run([BIN / "hvdllm", "slurm", TINY, "--set", f"run.dir={tmp_path}"],
                        capture_output=True, text=True, env=env())
     assert q.returncode == 0 and "does not fit" not in q.stderr
+
+
+def test_zero1_optimizer_bytes_are_a_slice():
+    """AdamW with ZeRO-1 over 2 replicas: half the moments (up to padding) and one step scalar
+    per parameter part inside the largest slice."""
+    import torch
+
+    from hvdllm.config import OptimConfig
+    from hvdllm.train.memory import optimizer_state_bytes, zero_optimizer_bytes
+
+    params = [torch.empty(10), torch.empty(7), torch.empty(4)]  # 21 elements: slices of 11
+    adamw = OptimConfig(name="adamw")
+    assert zero_optimizer_bytes(params, adamw, 1) == optimizer_state_bytes(params, adamw)
+    # slice 0 holds elements 0-10 (parts of 2 tensors), slice 1 elements 11-20 (2 tensors)
+    assert zero_optimizer_bytes(params, adamw, 2) == 2 * 4 * 11 + 4 * 2
+    assert zero_optimizer_bytes(params, OptimConfig(name="sgd", momentum=0.0), 2) == 0

@@ -28,7 +28,6 @@ from hvdllm.checkpoint.shards import (
     CheckpointError,
     read_shard,
     shard_kind,
-    shard_name,
     write_shard,
 )
 from hvdllm.config import MAX_STEPS
@@ -65,18 +64,22 @@ class Checkpoint:
             return {n: e for n, e in self.meta["shards"].items() if shard_kind(n) == kind}
         return {p.name: None for p in sorted(self.path.glob(f"{kind}_stage*.pt"))}
 
-    def load_named(self, kind: str, wanted: Iterable[str], aliases: dict[str, str]) -> dict:
-        """The entries of `wanted` names from the shards of one kind, reading only the shards
-        that hold one of them; a name may be found under its tied alias."""
+    def load_shards(self, kind: str, wanted: Iterable[str], aliases: dict[str, str]) -> list[dict]:
+        """The shards of one kind that hold one of the `wanted` names (a name may be found
+        under its tied alias), read and verified; the others are not opened."""
         wanted = set(wanted)
         keys = wanted | {aliases[n] for n in wanted if n in aliases}
-        merged: dict[str, Any] = {}
         entries = self.entries(kind)
         if not entries:
             raise CheckpointError(f"{self.path} holds no {kind} shards")
-        for name, entry in entries.items():
-            if entry is None or keys & set(entry["names"]):
-                merged.update(read_shard(self.path, name, entry))
+        return [read_shard(self.path, name, entry) for name, entry in entries.items()
+                if entry is None or keys & set(entry["names"])]
+
+    def load_named(self, kind: str, wanted: Iterable[str], aliases: dict[str, str]) -> dict:
+        """The shards holding `wanted` names, merged into one dict by name."""
+        merged: dict[str, Any] = {}
+        for shard in self.load_shards(kind, wanted, aliases):
+            merged.update(shard)
         return merged
 
     def load_train_state(self) -> dict:
@@ -115,11 +118,11 @@ class CheckpointManager:
         tmp.mkdir(parents=True)
         return tmp
 
-    def write_stage_shards(self, step: int, stage: int, shards: dict[str, Any]) -> dict[str, dict]:
-        """Write one stage's shards ({kind: object}); returns their meta entries by file name."""
+    def write_shards(self, step: int, shards: dict[str, Any]) -> dict[str, dict]:
+        """Write one rank's shards ({file name (shards.shard_name): object}); returns their
+        meta entries by file name."""
         tmp = self.tmp_path(step)
-        return {shard_name(kind, stage): write_shard(tmp, shard_name(kind, stage), obj)
-                for kind, obj in shards.items()}
+        return {name: write_shard(tmp, name, obj) for name, obj in shards.items()}
 
     def commit(self, step: int, meta: dict, entries: dict[str, dict], train_state: dict,
                job_toml: str, tokenizer_dir: Path, keep: int) -> Path:

@@ -28,9 +28,10 @@ class CheckpointError(UserError):
     """A checkpoint (or one of its files) that cannot be used; the message names it and why."""
 
 
-def shard_name(kind: str, stage: int) -> str:
-    """File name of a stage's shard of one kind ("model", "optim"; ZeRO adds its own kinds)."""
-    return f"{kind}_stage{stage}.pt"
+def shard_name(kind: str, stage: int, replica: int | None = None) -> str:
+    """File name of a stage's shard of one kind ("model", "optim"); ZeRO-1's optimizer state
+    has one shard per replica of the stage."""
+    return f"{kind}_stage{stage}.pt" if replica is None else f"{kind}_stage{stage}_replica{replica}.pt"
 
 
 def shard_kind(name: str) -> str:

@@ -38,6 +38,34 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer,
     """Put saved per-parameter state back, matching parameters by name (any layout)."""
     for name, p in named_params:
         key = name if name in merged else aliases.get(name, name)
-        if key in merged:
-            optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v
-                                  for k, v in merged[key].items()}
+        if key in merged:  # elementwise state may arrive flat (from ZeRO-1 segments)
+            optimizer.state[p] = {k: (v.reshape(p.shape).clone() if v.dim() else v.clone())
+                                  if torch.is_tensor(v) else v for k, v in merged[key].items()}
+
+
+def merge_optimizer_shards(shards: list[dict[str, dict]]) -> dict[str, dict]:
+    """Full per-parameter state from optimizer shards of any layout.
+
+    Plain shards hold whole entries. ZeRO-1 shards hold segments ("zero_segment": [start,
+    length] of the flattened parameter): a parameter's segments from all replicas are put back
+    in order, elementwise state concatenated flat and scalar state (Adam's step) taken once.
+    """
+    whole: dict[str, dict] = {}
+    pieces: dict[str, list[dict]] = {}
+    for shard in shards:
+        for name, entry in shard.items():
+            if "zero_segment" in entry:
+                pieces.setdefault(name, []).append(entry)
+            else:
+                whole[name] = entry
+    for name, parts in pieces.items():
+        parts.sort(key=lambda e: e["zero_segment"][0])
+        merged = {}
+        for key in parts[0]:
+            if key == "zero_segment":
+                continue
+            values = [e[key] for e in parts if key in e]
+            tensor = torch.is_tensor(values[0]) and values[0].dim() > 0
+            merged[key] = torch.cat([v.flatten() for v in values]) if tensor else values[0]
+        whole[name] = merged
+    return whole

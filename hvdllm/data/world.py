@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -57,10 +58,19 @@ class World:
         return value
 
 
+def launcher_size(env: Mapping[str, str]) -> int:
+    """Ranks the launcher started, from its environment. Slurm's PMIx plugin sets each task's
+    PMIX_RANK but no size: the step's task count says it then."""
+    sizes = [int(env.get(v) or 1) for v in LAUNCHER_SIZE_VARS]
+    if "PMIX_RANK" in env or "PMI_RANK" in env:
+        sizes.append(int(env.get("SLURM_STEP_NUM_TASKS") or 1))
+    return max(sizes)
+
+
 def launched_world() -> World:
     """The launcher's world: mpi4py's COMM_WORLD when started by mpirun/srun with N > 1 ranks,
     else one process (MPI is not initialised)."""
-    if not any(int(os.environ.get(v, "1") or 1) > 1 for v in LAUNCHER_SIZE_VARS):
+    if launcher_size(os.environ) <= 1:
         return World()
     from mpi4py import MPI
 

@@ -2,19 +2,28 @@
 
 The step asks one object to synchronise and apply gradients:
 
-    sync.synchronize()   wait until every gradient is averaged over the stage's replicas
-    sync.step()          update the weights (the optimizer step, on synchronized gradients)
+    sync.synchronize(tie)   gradients averaged over the stage's replicas, tied copies summed
+    sync.params             the tensors whose gradients the step unscales and clips
+    sync.grad_norm(...)     the global gradient norm
+    sync.step()             update the weights (the optimizer step, on synchronized gradients)
     sync.zero_grad()
+    sync.optimizer_shards / load_optimizer_state    its part of a checkpoint
 
 `AllReduceSync` is plain data parallelism: Horovod's ring all-reduce inside DistributedOptimizer.
-A sharded optimizer (ZeRO-1: reduce-scatter, a shard's update, all-gather) is a second
-implementation of the same three calls, not a fork of the step.
+`ZeroSync` (zero.py) shards the optimizer state: reduce-scatter, a slice's update, all-gather;
+the same calls, not a fork of the step.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import horovod.torch as hvd
 import torch
+
+from hvdllm.checkpoint.shards import shard_name
+from hvdllm.checkpoint.state import load_named_optimizer_state, named_optimizer_state
+from hvdllm.optim import global_grad_norm
 
 
 def compression_for(name: str) -> type:
@@ -38,12 +47,13 @@ class AllReduceSync:
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, compression: str,
                  backward_passes: int, process_set, replicas: int) -> None:
         self.compression, self.replicas = compression, replicas
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
         predivide = float(replicas) if compression == "fp16" and replicas > 1 else 1.0
         # Horovod builds a new optimizer from the param groups: load state after wrapping.
         self.optimizer = hvd.DistributedOptimizer(
             optimizer,
-            named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
+            named_parameters=self.named,
             compression=compression_for(compression),
             backward_passes_per_step=backward_passes,
             op=hvd.Average,
@@ -51,8 +61,15 @@ class AllReduceSync:
             process_set=process_set,
         )
 
-    def synchronize(self) -> None:
+    def synchronize(self, tie: Callable[[], None] = lambda: None) -> None:
+        """Wait for the all-reduces started during backward, then sum the tied copies."""
         self.optimizer.synchronize()
+        tie()
+
+    def grad_norm(self, exclude: torch.nn.Parameter | None,
+                  sum_over_stages: Callable[[float], float]) -> float:
+        """Every replica holds the averaged gradients: squares summed over the stages only."""
+        return global_grad_norm([p for p in self.params if p is not exclude], sum_over_stages)
 
     def step(self) -> None:
         with self.optimizer.skip_synchronize():  # synchronize() already ran
@@ -60,6 +77,15 @@ class AllReduceSync:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
+
+    def optimizer_shards(self, stage: int, replica: int) -> dict[str, dict]:
+        """The stage's first replica writes the state (every replica holds the same)."""
+        if replica:
+            return {}
+        return {shard_name("optim", stage): named_optimizer_state(self.optimizer, self.named)}
+
+    def load_optimizer_state(self, full: dict[str, dict], aliases: dict[str, str]) -> None:
+        load_named_optimizer_state(self.optimizer, self.named, full, aliases)
 
     def bytes_per_step(self) -> dict[str, int | str]:
         """What each rank hands to the collectives per step, counted from what the compressor

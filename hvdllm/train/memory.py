@@ -5,7 +5,8 @@
 - parameters, gradients: the stage's parameters (fp32 master weights, fp32 gradients);
 - optimizer state: what the optimizer holds after its first step, by kind (AdamW/Adam: two
   moments per parameter and a 4-byte step per tensor; Adagrad: a sum and a step; SGD: a
-  momentum buffer when momentum > 0). ZeRO-1 would divide it by R (`zero_replicas`);
+  momentum buffer when momentum > 0). ZeRO-1 keeps one slice of it: 1/R of the elementwise
+  state (up to padding) and a step per parameter part in the slice (`zero_optimizer_bytes`);
 - activations: one micro-batch's saved tensors (autocast's bf16 weight copies included, they are
   kept per micro-batch) x the micro-batches in flight (1F1B: min(P - stage, m); GPipe: m).
   A run measures one micro-batch with models/activations.SavedActivations; `hvdllm memory`
@@ -16,6 +17,8 @@
 """
 
 from __future__ import annotations
+
+import itertools
 
 import contextlib
 from dataclasses import asdict, dataclass
@@ -67,9 +70,8 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def optimizer_state_bytes(params: list[torch.Tensor], cfg: OptimConfig, zero_replicas: int = 1
-                          ) -> int:
-    """Bytes the optimizer holds after its first step, from its kind; divided over ZeRO's R."""
+def optimizer_state_bytes(params: list[torch.Tensor], cfg: OptimConfig) -> int:
+    """Bytes the optimizer holds after its first step, from its kind."""
     full = tensor_bytes(params)
     steps = 4 * len(params)  # a float32 step count per parameter tensor
     if cfg.name in ("adamw", "adam"):
@@ -78,7 +80,26 @@ def optimizer_state_bytes(params: list[torch.Tensor], cfg: OptimConfig, zero_rep
         per_rank, scalars = full, steps
     else:
         per_rank, scalars = (full if cfg.momentum > 0 else 0), 0
-    return -(-per_rank // zero_replicas) + scalars  # scalars are not split
+    return per_rank + scalars
+
+
+def zero_optimizer_bytes(params: list[torch.Tensor], cfg: OptimConfig, replicas: int) -> int:
+    """ZeRO-1 (parallel/zero.py): the largest replica's slice of the elementwise state, plus a
+    step scalar for each parameter part inside its slice."""
+    sizes = [p.numel() for p in params]
+    per = -(-sum(sizes) // replicas)
+    ends = list(itertools.accumulate(sizes))
+    starts = [e - n for e, n in zip(ends, sizes)]
+    parts = max(sum(1 for a, b in zip(starts, ends) if a < (r + 1) * per and b > r * per)
+                for r in range(replicas))
+    return _slice_state(per, parts, cfg)
+
+
+def _slice_state(elements: int, parts: int, cfg: OptimConfig) -> int:
+    """State bytes of a ZeRO slice of `elements` fp32 values held as `parts` tensors."""
+    kinds = {"adamw": 2, "adam": 2, "adagrad": 1}.get(cfg.name, 1 if cfg.momentum > 0 else 0)
+    scalars = 4 * parts if cfg.name in ("adamw", "adam", "adagrad") else 0
+    return 4 * elements * kinds + scalars
 
 
 def counted_optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -236,7 +257,9 @@ def rank_memory(t) -> dict:
                                  job.data.seq_len, t.model.config.vocab_size)
     estimated, copies = stage_activation_estimate(t.stage, tokens, job.data.seq_len, low,
                                                   t.stage.checkpointed)
-    mine = _assemble(topo.stage, t.params, optimizer_state_bytes(t.params, job.optim), per_mb,
+    params = [p for p in t.model.parameters() if p.requires_grad]
+    # t.params are what the optimizer holds: the stage's parameters, or ZeRO-1's slice parts.
+    mine = _assemble(topo.stage, params, optimizer_state_bytes(t.params, job.optim), per_mb,
                      copies, in_flight(job.parallel.schedule, topo.stages, topo.stage,
                                        layout.micro_batches),
                      transient_estimate(t.stage, tokens, low, t.stage.checkpointed, t.device.type),
@@ -305,7 +328,8 @@ def predict(job: JobConfig, world: int, device_type: str = "cuda") -> list[RankM
         stage = Stage(empty_model(config), layers, s == 0, s == layout.stages - 1)
         params = [p for p in stage.model.parameters() if p.requires_grad]
         per_mb, copies = stage_activation_estimate(stage, tokens, job.data.seq_len, low, checkpointed)
-        optimizer = optimizer_state_bytes(params, job.optim, layout.replicas if zero else 1)
+        optimizer = zero_optimizer_bytes(params, job.optim, layout.replicas) if zero \
+            else optimizer_state_bytes(params, job.optim)
         rows.append(_assemble(s, params, optimizer, per_mb, copies,
                               in_flight(job.parallel.schedule, layout.stages, s, layout.micro_batches),
                               transient_estimate(stage, tokens, low, checkpointed, device_type),

@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import horovod.torch as hvd
-import torch
 
 from hvdllm.checkpoint import (
     Checkpoint,
     CheckpointError,
-    load_named_optimizer_state,
-    named_optimizer_state,
     resume_candidates,
     select_state,
     tied_aliases,
 )
+from hvdllm.checkpoint.shards import shard_name
+from hvdllm.checkpoint.state import merge_optimizer_shards
 from hvdllm.config import JobConfig, dump_toml
 from hvdllm.data import PreparedData
 from hvdllm.errors import UserError
@@ -54,12 +53,12 @@ def read_stage_state(ckpt: Checkpoint, data: PreparedData, stage: Stage) -> Stag
     merged = ckpt.load_named("model", wanted, aliases)
     model = select_state(merged, wanted, aliases)
     names = [n for n, _ in stage.model.named_parameters()]
-    optim = ckpt.load_named("optim", names, aliases)
+    optim = merge_optimizer_shards(ckpt.load_shards("optim", names, aliases))
     return StageState(ckpt, model, optim, ckpt.load_train_state())
 
 
 def restore(job: JobConfig, resume: str | None, topo: Topology, data: PreparedData, stage: Stage,
-            optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+            sync) -> tuple[int, dict]:
     """Load the checkpoint `resume` names into this stage; returns (next step, counters)."""
     candidates, explicit = topo.rank0_decides(
         "which checkpoint to resume", lambda: resume_candidates(job.run_dir, resume))
@@ -70,7 +69,7 @@ def restore(job: JobConfig, resume: str | None, topo: Topology, data: PreparedDa
         except CheckpointError as e:
             error = str(e)
         if not topo.world_max(1.0 if error else 0.0):  # every rank read its part
-            return apply(state, stage, optimizer)
+            return apply(state, stage, sync)
         if error:
             logger.warning("skipping checkpoint %s: %s", path, error)
         if explicit:
@@ -81,10 +80,10 @@ def restore(job: JobConfig, resume: str | None, topo: Topology, data: PreparedDa
     return 0, {}
 
 
-def apply(state: StageState, stage: Stage, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+def apply(state: StageState, stage: Stage, sync) -> tuple[int, dict]:
+    """Put what was read into the stage and its gradient sync (parallel/grad_sync.py)."""
     stage.model.load_state_dict(state.model)
-    load_named_optimizer_state(optimizer, list(stage.model.named_parameters()), state.optim,
-                               tied_aliases(stage.tied))
+    sync.load_optimizer_state(state.optim, tied_aliases(stage.tied))
     meta = state.checkpoint.meta
     logger.info("resumed from %s (step %d, written by %d stage(s) x %d replica(s))",
                 state.checkpoint.path, meta["step"], meta["stages"], meta["replicas"])
@@ -101,17 +100,16 @@ def save_checkpoint(t, step: int) -> Path | None:
         manager.begin(step)
     with topo.waiting("the checkpoint barrier"):
         barrier()
-    entries: dict[str, dict] = {}
-    if topo.replica == 0:
-        entries = manager.write_stage_shards(step, topo.stage, {
-            "model": t.model.state_dict(),
-            "optim": named_optimizer_state(t.optimizer, list(t.model.named_parameters()))})
+    shards = {shard_name("model", topo.stage): t.model.state_dict()} if topo.replica == 0 else {}
+    shards.update(t.sync.optimizer_shards(topo.stage, topo.replica))  # ZeRO-1: every replica
+    entries = manager.write_shards(step, shards)
     # Distributed: every shard's checksum reaches rank 0 (also the barrier after writing).
     with topo.waiting("the other stages' checkpoint shards"):
         gathered = hvd.allgather_object(entries, name="checkpoint_entries")
     path = None
     if topo.rank == 0:
         meta = {"step": step, "stages": topo.stages, "replicas": topo.replicas,
+                "zero": t.job.parallel.zero,
                 "tokenizer_fingerprint": t.data.meta["tokenizer_fingerprint"],
                 "model_config": t.model.config.to_dict()}
         path = manager.commit(step, meta, {k: v for e in gathered for k, v in e.items()},

@@ -9,7 +9,7 @@ import horovod.torch as hvd
 import torch
 
 from hvdllm.data import TokenReader
-from hvdllm.optim import clip_gradients, global_grad_norm, set_lr
+from hvdllm.optim import clip_gradients, set_lr
 from hvdllm.parallel.pipeline import StepResult, sync_tied_gradient
 from hvdllm.train.trainer import Trainer
 
@@ -31,12 +31,11 @@ def forward_backward(t: Trainer, step: int) -> StepResult:
 
 def synchronize_gradients(t: Trainer) -> bool:
     """Wait for the all-reduce, sum the tied copies, unscale; returns the world-agreed overflow."""
-    # Distributed step 3: wait until every gradient is averaged over the stage's replicas.
-    with t.topo.waiting("the gradient all-reduce"):
-        t.sync.synchronize()
-    # Distributed step 4: the tied embedding/head copies of first and last stage sum gradients.
-    with t.topo.waiting("the tied-embedding gradient of the other end stage"):
-        sync_tied_gradient(t.stage, t.topo.embed_comm)
+    # Distributed steps 3 and 4: gradients averaged over the stage's replicas (all-reduce, or
+    # ZeRO-1's reduce-scatter), and the tied embedding/head copies of the first and last stage
+    # summed (after an all-reduce; before a reduce-scatter, whose slices would not line up).
+    with t.topo.waiting("the gradient all-reduce (or reduce-scatter) and the tied gradient"):
+        t.sync.synchronize(tie=lambda: sync_tied_gradient(t.stage, t.topo.embed_comm))
     # Distributed step 5: unscale and agree across the world whether any gradient overflowed.
     return t.scaler.unscale_and_check(t.params)
 
@@ -45,7 +44,7 @@ def update_weights(t: Trainer, step: int, overflow: bool) -> dict[str, float]:
     """Global norm, learning rate, clipping and the optimizer step (skipped on overflow)."""
     # Distributed step 6: global norm = squares summed over stages (tied copy counted once).
     tied = t.stage.tied_weight if t.stage.last else None
-    grad_norm = global_grad_norm([p for p in t.params if p is not tied], t.topo.sum_over_stages)
+    grad_norm = t.sync.grad_norm(exclude=tied, sum_over_stages=t.topo.sum_over_stages)
     lr = t.schedule(step, grad_norm)
     set_lr(t.optimizer, lr)
     if overflow:

@@ -25,11 +25,12 @@ from hvdllm.models import (
     partition_for,
 )
 from hvdllm.models.activations import checkpointed_blocks
-from hvdllm.optim import LRSchedule, build_optimizer, scaled_peak_lr
+from hvdllm.optim import LRSchedule, build_optimizer, optimizer_for, scaled_peak_lr
 from hvdllm.parallel.data_parallel import broadcast_parameters
 from hvdllm.parallel.grad_sync import AllReduceSync
 from hvdllm.parallel.pipeline import PipelineRunner, PointToPoint
 from hvdllm.parallel.topology import Topology, init_distributed
+from hvdllm.parallel.zero import ZeroSync
 from hvdllm.precision import LossScaler, autocast
 from hvdllm.train.resume import restore
 from hvdllm.train.run_dir import claim_run_dir
@@ -44,7 +45,7 @@ class Trainer:
     data: PreparedData
     reader: TokenReader
     stage: Stage
-    sync: AllReduceSync
+    sync: AllReduceSync | ZeroSync
     """Gradient synchronisation over the stage's replicas (and the optimizer it steps)."""
     schedule: LRSchedule
     scaler: LossScaler
@@ -114,6 +115,18 @@ def build_stage(job: JobConfig, topo: Topology, vocab_size: int) -> tuple[Stage,
     return stage, fpt
 
 
+def gradient_sync(job: JobConfig, topo: Topology, model: torch.nn.Module,
+                  peak_lr: float) -> AllReduceSync | ZeroSync:
+    """Plain data parallelism (Horovod's all-reduce), or ZeRO-1 with parallel.zero = 1."""
+    if job.parallel.zero:
+        return ZeroSync(list(model.named_parameters()),
+                        lambda decay, no_decay: optimizer_for(decay, no_decay, job.optim, peak_lr),
+                        job.parallel.compression, topo.process_set, topo.replicas, topo.replica)
+    return AllReduceSync(build_optimizer(model, job.optim, peak_lr), model,
+                         job.parallel.compression, topo.layout.micro_batches, topo.process_set,
+                         topo.replicas)
+
+
 def setup(job: JobConfig, resume: str | None, fresh: bool = False) -> Trainer:
     topo = init_distributed(lambda world: job_layout(job, world), job.parallel.peer_timeout_s)
     setup_logging(topo.rank)
@@ -131,10 +144,8 @@ def setup(job: JobConfig, resume: str | None, fresh: bool = False) -> Trainer:
     model = stage.model.to(device)
     peak_lr = scaled_peak_lr(job.optim, topo.replicas)
     # Distributed step 1: the stage's gradients are averaged across its replicas (grad_sync).
-    sync = AllReduceSync(build_optimizer(model, job.optim, peak_lr), model,
-                         job.parallel.compression, layout.micro_batches, topo.process_set,
-                         topo.replicas)
-    start_step, saved = restore(job, resume, topo, data, stage, sync.optimizer)
+    sync = gradient_sync(job, topo, model, peak_lr)
+    start_step, saved = restore(job, resume, topo, data, stage, sync)
     # Distributed step 2: every replica starts from its stage's first replica's weights. Every
     # rank read the same checkpoint, so optimizer state needs no broadcast; a fresh optimizer has
     # none (Horovod's broadcast_optimizer_state would create it with a zero-gradient step, which

@@ -46,7 +46,7 @@ def test_configuration_page_is_generated_from_config_py():
     page = ROOT / "docs" / "configuration.md"
     assert page.is_file(), f"docs/configuration.md is missing: run `{REGENERATE}`"
     assert page.read_text() == render(), (
-        f"docs/configuration.md is out of date with hvdllm/config.py: run `{REGENERATE}`")
+        f"docs/configuration.md is out of date with hvdllm/config/schema.py: run `{REGENERATE}`")
 
 
 def test_every_section_and_key_is_documented():

@@ -66,9 +66,12 @@ class ZeroSync:
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]],
                  make_optimizer: Callable[[list, list], torch.optim.Optimizer], compression: str,
-                 process_set, replicas: int, replica: int) -> None:
+                 process_set, replicas: int, replica: int, stage: int) -> None:
         self.named = [(n, p) for n, p in named_params if p.requires_grad]
         self.compression, self.replicas, self.process_set = compression, replicas, process_set
+        # Collective names are unique per stage: each stage's process set runs the same three
+        # collectives at the same time, and Horovod must never match one stage's with another's.
+        self.names = {op: f"zero.{op}.stage{stage}" for op in ("grads", "norm", "params")}
         self.padded, self.per = flat_slices([p.numel() for _, p in self.named], replicas)
         self.segments = segments_of(self.named, replica * self.per, (replica + 1) * self.per)
         # The replica's own fp32 copy of its slice: what the optimizer updates.
@@ -89,10 +92,10 @@ class ZeroSync:
                  for _, p in self.named]
         flat = torch.cat(grads + [grads[0].new_zeros(self.padded - sum(g.numel() for g in grads))])
         if self.compression == "fp16":
-            mine = hvd.reducescatter((flat / self.replicas).half(), op=hvd.Sum, name="zero.grads",
-                                     process_set=self.process_set).float()
+            mine = hvd.reducescatter((flat / self.replicas).half(), op=hvd.Sum,
+                                     name=self.names["grads"], process_set=self.process_set).float()
         else:
-            mine = hvd.reducescatter(flat, op=hvd.Average, name="zero.grads",
+            mine = hvd.reducescatter(flat, op=hvd.Average, name=self.names["grads"],
                                      process_set=self.process_set)
         for s, q in zip(self.segments, self.params):
             q.grad = mine[s.offset:s.offset + s.length].clone()
@@ -104,7 +107,7 @@ class ZeroSync:
 
         def over_replicas_and_stages(sq: float) -> float:
             total = hvd.allreduce(torch.tensor([sq], dtype=torch.float64), op=hvd.Sum,
-                                  name="zero.norm", process_set=self.process_set)
+                                  name=self.names["norm"], process_set=self.process_set)
             return sum_over_stages(float(total[0]))
 
         return global_grad_norm(mine, over_replicas_and_stages)
@@ -116,7 +119,7 @@ class ZeroSync:
             mine = torch.zeros(self.per, device=self.params[0].device if self.params else "cpu")
             for s, q in zip(self.segments, self.params):
                 mine[s.offset:s.offset + s.length] = q
-            full = hvd.allgather(mine, name="zero.params", process_set=self.process_set)
+            full = hvd.allgather(mine, name=self.names["params"], process_set=self.process_set)
             offset = 0
             for _, p in self.named:
                 p.copy_(full[offset:offset + p.numel()].view_as(p))

@@ -121,7 +121,8 @@ def gradient_sync(job: JobConfig, topo: Topology, model: torch.nn.Module,
     if job.parallel.zero:
         return ZeroSync(list(model.named_parameters()),
                         lambda decay, no_decay: optimizer_for(decay, no_decay, job.optim, peak_lr),
-                        job.parallel.compression, topo.process_set, topo.replicas, topo.replica)
+                        job.parallel.compression, topo.process_set, topo.replicas, topo.replica,
+                        topo.stage)
     return AllReduceSync(build_optimizer(model, job.optim, peak_lr), model,
                          job.parallel.compression, topo.layout.micro_batches, topo.process_set,
                          topo.replicas)

@@ -56,6 +56,13 @@ NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
 PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
+MPI_CONF = """\
+# The PMIx plugin's per-step folders (spmix_appdir_UID_JOB.STEP) inside this cluster's folder, not
+# /tmp: every test cluster numbers its jobs from 1, and a folder a killed step left behind in /tmp
+# would make the same step number of a later cluster fail to launch (srun then exits 0 anyway).
+PMIxCliTmpDirBase={root}/pmix
+"""
+
 
 def missing_tools() -> list[str]:
     return [tool for tool in DAEMONS + CLIENTS if shutil.which(tool) is None
@@ -90,7 +97,7 @@ class SlurmCluster:
         return env
 
     def start(self, timeout: float = 60) -> None:
-        for sub in ("munge", "state", "spool", "log"):
+        for sub in ("munge", "state", "spool", "log", "pmix"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "munge").chmod(0o755)  # munged wants its socket directory searchable
         key = self.root / "munge" / "munge.key"
@@ -98,6 +105,7 @@ class SlurmCluster:
         key.chmod(0o600)
         self.conf.write_text(SLURM_CONF.format(host=self.host, root=self.root, cpus=self.cpus,
                                                ctld_port=free_port(), slurmd_port=free_port()))
+        (self.root / "mpi.conf").write_text(MPI_CONF.format(root=self.root))  # beside slurm.conf
         m = self.root / "munge"
         self._spawn([_tool("munged"), "-F", "-f", f"--socket={m}/munge.socket", f"--key-file={key}",
                      f"--pid-file={m}/munged.pid", f"--seed-file={m}/seed",

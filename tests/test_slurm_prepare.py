@@ -93,6 +93,11 @@ class PrepJob:
         return {p.name.split(".")[3]: p.read_text()
                 for p in self.logs.glob(f"prepare.{self.job_id}.{restart}.*.err")}
 
+    def losses(self) -> dict[int, float]:
+        """Step -> training loss of this job's run (its metrics file must exist)."""
+        assert (self.run_dir / "metrics.jsonl").exists(), f"no metrics: {self.describe()}"
+        return train_losses(self.run_dir)
+
     def describe(self) -> str:
         tail = {k: self.log(k)[-3000:] for k in ("out", "err") if self.job_id
                 and (self.run_dir / f"slurm-{self.job_id}.{k}").exists()}
@@ -148,7 +153,7 @@ def test_fresh_data_is_prepared_by_every_task_then_trained(cluster, prep_jobs, l
     assert units_tokenized(ranks["0"]) == (meta["units"] + 1) // 2, job.describe()
     assert "prepared " in ranks["0"] and ranks["1"].strip() == "", job.describe()
     assert world_sizes(job.log("err")) == [2], job.describe()
-    assert sorted(train_losses(job.run_dir)) == list(range(1, STEPS + 1))
+    assert sorted(job.losses()) == list(range(1, STEPS + 1))
     out = job.log("out")
     assert "prepare exited with status 0" in out and f"train: {launcher} exited with status 0" in out
 
@@ -161,7 +166,7 @@ def test_horovodrun_prepares_in_one_process_then_trains(cluster, prep_jobs):  # 
     ranks = job.rank_logs()
     assert list(ranks) == ["solo"] and units_tokenized(ranks["solo"]) == meta["units"], job.describe()
     assert world_sizes(job.log("err")) == [2], job.describe()
-    assert sorted(train_losses(job.run_dir)) == list(range(1, STEPS + 1))
+    assert sorted(job.losses()) == list(range(1, STEPS + 1))
 
 
 @needs_slurm
@@ -173,9 +178,9 @@ def test_second_job_finds_the_data_up_to_date(cluster, prep_jobs):  # noqa: F811
     assert "is up to date" in ranks["0"] and "tokenizing" not in ranks["0"], job.describe()
     assert ranks["1"].strip() == "", job.describe()  # (only rank 0 logs; no error on rank 1)
     assert (job.data / "meta.json").read_bytes() == job.meta_before  # not rewritten
-    assert sorted(train_losses(job.run_dir)) == list(range(1, STEPS + 1))
+    assert sorted(job.losses()) == list(range(1, STEPS + 1))
     # the same data as the first job's: the same losses
-    assert train_losses(job.run_dir) == train_losses(prep_jobs["fresh-srun"].run_dir)
+    assert job.losses() == prep_jobs["fresh-srun"].losses()
 
 
 @needs_slurm
@@ -188,7 +193,7 @@ def test_stop_during_prepare_requeues_and_the_requeued_job_trains(cluster, prep_
     first, second = out.split("restart 1:")
     assert "requeueing job" in first and "train:" not in first, job.describe()  # no training
     assert world_sizes(job.log("err")) == [2], job.describe()  # trained once, after the requeue
-    assert sorted(train_losses(job.run_dir)) == list(range(1, STEPS + 1))
+    assert sorted(job.losses()) == list(range(1, STEPS + 1))
     assert sorted(job.rank_logs(1)) == ["0", "1"], job.describe()  # prepared (or found) again
     assert "prepare exited with status 0" in second
     # same data as an unstopped prepare of the same job: the same shards, the same index

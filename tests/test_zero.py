@@ -1,5 +1,6 @@
 """ZeRO-1 with real ranks: the same training as plain data parallelism and one process, exact
-resume, checkpoints that load into any layout, and 1/R of the optimizer state per rank.
+resume, checkpoints that load into any layout (R = 2, R = 4, 2 stages x 2 replicas), and 1/R of
+the optimizer state per rank.
 
 Tolerance: a reduce-scatter sums in another order than an all-reduce; fp32 rounding differences
 grow over 20 AdamW steps to ~1e-5 relative, as between the other layouts (test_pipeline.py), so
@@ -83,7 +84,13 @@ def test_zero1_resumes_exactly_and_converts_between_layouts(one_process, tiny_ar
     assert_close({s: ref[s] for s in range(11, 21)}, train_losses(tmp_path / "r4"))
 
 
-def test_zero1_with_pipeline_stages_is_refused_in_one_line(tiny_args):
-    p = run(hvdllm("config", TINY, *tiny_args("x", "parallel.zero=1", "parallel.pipeline_stages=2")),
-            check=False)
-    assert p.returncode == 2 and "works with one pipeline stage only" in p.stderr
+def test_zero1_in_a_pipeline_grid_trains_as_one_process_and_loads_a_plain_checkpoint(
+        one_process, tiny_args, tmp_path):
+    """2 stages x 2 replicas: each stage shards over its own replicas (process set), the norm is
+    summed over replicas and then stages; a plain one-process checkpoint resumes on the grid."""
+    ref = train_losses(one_process)
+    train(tiny_args, "grid", 4, "parallel.zero=1", "parallel.pipeline_stages=2")
+    assert_close(ref, train_losses(tmp_path / "grid"))
+    train(tiny_args, "grid-resumed", 4, "parallel.zero=1", "parallel.pipeline_stages=2",
+          resume=one_process / "checkpoints" / "step_00000010")
+    assert_close({s: ref[s] for s in range(11, 21)}, train_losses(tmp_path / "grid-resumed"))

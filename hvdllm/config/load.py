@@ -179,12 +179,6 @@ def validate(job: JobConfig) -> None:
     need(0 <= job.model.dropout < 1, "model.dropout must be in [0, 1)")
     need(job.model.sliding_window >= 0, "model.sliding_window must be >= 0")
     need(job.parallel.zero in (0, 1), f"parallel.zero = {job.parallel.zero}: expected 0 or 1")
-    # A Horovod collective on one stage's process set was seen to stall (1 launch in 10, 2 x 2
-    # grid) while the other stage's ranks waited in an mpi4py collective on them: refused until
-    # that is understood (docs/parallelism.md, ZeRO-1).
-    need(not job.parallel.zero or job.parallel.pipeline_stages == 1,
-         "parallel.zero = 1 works with one pipeline stage only (for now); set "
-         "parallel.pipeline_stages = 1 or parallel.zero = 0")
     need(not job.model.sliding_window or job.model.family in ("mistral", "qwen2"),
          f"model.sliding_window is for mistral and qwen2, not {job.model.family}")
     need(not job.model.tie_embeddings or job.model.family != "gpt2",

@@ -119,14 +119,22 @@ class Topology:
         with self.waiting("the last stage (broadcast)"):
             return float(self.pipe_comm.bcast(float(value), root=self.stages - 1))
 
+    def replica_sum(self, value: float) -> float:
+        """Sum of a scalar over this stage's replicas.
+
+        mpi4py on the stage communicator, in this thread, like the other scalar exchanges here:
+        Horovod's background thread is left to the gradients (see docs/parallelism.md, ZeRO-1).
+        """
+        with self.waiting("the other replicas (sum)"):
+            if self.stage_comm is not None:
+                return float(self.stage_comm.allreduce(float(value)))
+            return float(hvd.allreduce(torch.tensor([float(value)], dtype=torch.float64),
+                                       op=hvd.Sum, name="replica_sum",
+                                       process_set=self.process_set)[0])
+
     def replica_mean(self, value: float) -> float:
         """Mean of a scalar over this stage's replicas."""
-        with self.waiting("the other replicas (mean)"):
-            if self.stage_comm is not None:  # mpi4py on the stage communicator
-                return self.stage_comm.allreduce(float(value)) / self.replicas
-            return float(hvd.allreduce(torch.tensor([float(value)], dtype=torch.float64),
-                                       op=hvd.Average, name="replica_mean",
-                                       process_set=self.process_set)[0])
+        return self.replica_sum(value) / self.replicas
 
     def describe(self) -> str:
         return self.layout.describe()
@@ -165,6 +173,7 @@ def init_distributed(layout_for: Callable[[int], Layout], peer_timeout_s: float 
     pipe_comm = world_comm.Split(color=replica, key=stage)
     ends = stages > 1 and stage in (0, stages - 1)
     embed_comm = world_comm.Split(color=replica if ends else MPI.UNDEFINED, key=stage)
+    warm_up_object_collectives([world_comm, stage_comm, pipe_comm, embed_comm])
     # Horovod's process sets must be listed identically on every rank.
     if stages == 1:
         hvd.init(comm=world_comm)
@@ -178,6 +187,24 @@ def init_distributed(layout_for: Callable[[int], Layout], peer_timeout_s: float 
                     world_comm=world_comm,
                     embed_comm=embed_comm if embed_comm != MPI.COMM_NULL else None,
                     watchdog=_watchdog(rank, stage, replica, peer_timeout_s))
+
+
+def warm_up_object_collectives(comms: list) -> None:
+    """One object collective on each communicator, in the same order on every rank, before
+    Horovod starts.
+
+    mpi4py's first object collective (allreduce, bcast, ...) on a communicator duplicates it for
+    its own messages (MPI_Comm_dup, collective over the communicator) and waits for that while
+    holding the GIL. During training that wait can be on a rank still inside a Horovod collective,
+    whose background thread in turn needs this rank's background thread, which needs the GIL to
+    release a finished tensor: a deadlock (seen with ZeRO-1 on a 2 x 2 grid, 3 launches in 35;
+    py-spy --native stacks in docs/parallelism.md). Done here, no Horovod collective is in flight.
+    """
+    from mpi4py import MPI
+
+    for comm in comms:
+        if comm != MPI.COMM_NULL:
+            comm.allreduce(0)
 
 
 def _watchdog(rank: int, stage: int, replica: int, timeout_s: float) -> Watchdog | None:

@@ -66,12 +66,14 @@ class ZeroSync:
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]],
                  make_optimizer: Callable[[list, list], torch.optim.Optimizer], compression: str,
-                 process_set, replicas: int, replica: int, stage: int) -> None:
+                 process_set, replicas: int, replica: int, stage: int,
+                 sum_over_replicas: Callable[[float], float]) -> None:
         self.named = [(n, p) for n, p in named_params if p.requires_grad]
         self.compression, self.replicas, self.process_set = compression, replicas, process_set
+        self.sum_over_replicas = sum_over_replicas
         # Collective names are unique per stage: each stage's process set runs the same three
         # collectives at the same time, and Horovod must never match one stage's with another's.
-        self.names = {op: f"zero.{op}.stage{stage}" for op in ("grads", "norm", "params")}
+        self.names = {op: f"zero.{op}.stage{stage}" for op in ("grads", "params")}
         self.padded, self.per = flat_slices([p.numel() for _, p in self.named], replicas)
         self.segments = segments_of(self.named, replica * self.per, (replica + 1) * self.per)
         # The replica's own fp32 copy of its slice: what the optimizer updates.
@@ -104,13 +106,7 @@ class ZeroSync:
                   sum_over_stages: Callable[[float], float]) -> float:
         """Global norm: each replica's squares of its slice, summed over replicas and stages."""
         mine = [q for s, q in zip(self.segments, self.params) if s.param is not exclude]
-
-        def over_replicas_and_stages(sq: float) -> float:
-            total = hvd.allreduce(torch.tensor([sq], dtype=torch.float64), op=hvd.Sum,
-                                  name=self.names["norm"], process_set=self.process_set)
-            return sum_over_stages(float(total[0]))
-
-        return global_grad_norm(mine, over_replicas_and_stages)
+        return global_grad_norm(mine, lambda sq: sum_over_stages(self.sum_over_replicas(sq)))
 
     def step(self) -> None:
         """Update this replica's slice, then all-gather the slices into every parameter."""

@@ -122,7 +122,7 @@ def gradient_sync(job: JobConfig, topo: Topology, model: torch.nn.Module,
         return ZeroSync(list(model.named_parameters()),
                         lambda decay, no_decay: optimizer_for(decay, no_decay, job.optim, peak_lr),
                         job.parallel.compression, topo.process_set, topo.replicas, topo.replica,
-                        topo.stage)
+                        topo.stage, topo.replica_sum)
     return AllReduceSync(build_optimizer(model, job.optim, peak_lr), model,
                          job.parallel.compression, topo.layout.micro_batches, topo.process_set,
                          topo.replicas)

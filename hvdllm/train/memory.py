@@ -5,8 +5,8 @@
 - parameters, gradients: the stage's parameters (fp32 master weights, fp32 gradients);
 - optimizer state: what the optimizer holds after its first step, by kind (AdamW/Adam: two
   moments per parameter and a 4-byte step per tensor; Adagrad: a sum and a step; SGD: a
-  momentum buffer when momentum > 0). ZeRO-1 keeps one slice of it: 1/R of the elementwise
-  state (up to padding) and a step per parameter part in the slice (`zero_optimizer_bytes`);
+  momentum buffer when momentum > 0). ZeRO-1 keeps one part of it: 1/R of each parameter's
+  elementwise state (up to padding) and a step per part (`zero_optimizer_bytes`);
 - activations: one micro-batch's saved tensors (autocast's bf16 weight copies included, they are
   kept per micro-batch) x the micro-batches in flight (1F1B: min(P - stage, m); GPipe: m).
   A run measures one micro-batch with models/activations.SavedActivations; `hvdllm memory`
@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import contextlib
 from dataclasses import asdict, dataclass
@@ -84,15 +83,10 @@ def optimizer_state_bytes(params: list[torch.Tensor], cfg: OptimConfig) -> int:
 
 
 def zero_optimizer_bytes(params: list[torch.Tensor], cfg: OptimConfig, replicas: int) -> int:
-    """ZeRO-1 (parallel/zero.py): the largest replica's slice of the elementwise state, plus a
-    step scalar for each parameter part inside its slice."""
-    sizes = [p.numel() for p in params]
-    per = -(-sum(sizes) // replicas)
-    ends = list(itertools.accumulate(sizes))
-    starts = [e - n for e, n in zip(ends, sizes)]
-    parts = max(sum(1 for a, b in zip(starts, ends) if a < (r + 1) * per and b > r * per)
-                for r in range(replicas))
-    return _slice_state(per, parts, cfg)
+    """ZeRO-1 (parallel/zero.py): replica 0's part of each parameter (ceil(numel / R) elements,
+    the largest part) of the elementwise state, plus a step scalar per part."""
+    elements = sum(-(-p.numel() // replicas) for p in params)
+    return _slice_state(elements, sum(1 for p in params if p.numel()), cfg)
 
 
 def _slice_state(elements: int, parts: int, cfg: OptimConfig) -> int:

@@ -115,14 +115,16 @@ def build_stage(job: JobConfig, topo: Topology, vocab_size: int) -> tuple[Stage,
     return stage, fpt
 
 
-def gradient_sync(job: JobConfig, topo: Topology, model: torch.nn.Module,
+def gradient_sync(job: JobConfig, topo: Topology, stage: Stage,
                   peak_lr: float) -> AllReduceSync | ZeroSync:
     """Plain data parallelism (Horovod's all-reduce), or ZeRO-1 with parallel.zero = 1."""
+    model = stage.model
     if job.parallel.zero:
         return ZeroSync(list(model.named_parameters()),
                         lambda decay, no_decay: optimizer_for(decay, no_decay, job.optim, peak_lr),
                         job.parallel.compression, topo.process_set, topo.replicas, topo.replica,
-                        topo.stage, topo.replica_sum)
+                        topo.stage, topo.layout.micro_batches, topo.replica_sum,
+                        tied=stage.tied_weight)
     return AllReduceSync(build_optimizer(model, job.optim, peak_lr), model,
                          job.parallel.compression, topo.layout.micro_batches, topo.process_set,
                          topo.replicas)
@@ -145,7 +147,7 @@ def setup(job: JobConfig, resume: str | None, fresh: bool = False) -> Trainer:
     model = stage.model.to(device)
     peak_lr = scaled_peak_lr(job.optim, topo.replicas)
     # Distributed step 1: the stage's gradients are averaged across its replicas (grad_sync).
-    sync = gradient_sync(job, topo, model, peak_lr)
+    sync = gradient_sync(job, topo, stage, peak_lr)
     start_step, saved = restore(job, resume, topo, data, stage, sync)
     # Distributed step 2: every replica starts from its stage's first replica's weights. Every
     # rank read the same checkpoint, so optimizer state needs no broadcast; a fresh optimizer has

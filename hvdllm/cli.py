@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train fp32 vs bf16 and SGD vs momentum vs AdamW for STEPS steps each")
     p.add_argument("--data", action="store_true", help="instead: data preparation rows (MB/s, "
                    "tokens/s on 1 and all cores, the tokenizer's own rate, peak memory at 1x and 8x)")
+    p.add_argument("--memory", action="store_true", help="instead: per-rank peak memory (measured "
+                   "and predicted) and step time of 1, 2 and 4 stages, ZeRO-1 against data "
+                   "parallelism, activation checkpointing on and off")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
     p.add_argument("source", help="run directory (latest checkpoint) or checkpoint directory")
     p.add_argument("out_dir", help="output folder for from_pretrained")
@@ -103,6 +106,11 @@ def run(args: argparse.Namespace) -> None:
 
         print(data_markdown(data_bench(args.job, args.overrides, Path(args.out), args.quick,
                                        args.repeats)), end="")
+    elif args.command == "bench" and args.memory:
+        from hvdllm.bench.memory_rows import memory_bench, memory_markdown
+
+        print(memory_markdown(memory_bench(args.job, args.overrides, Path(args.out), args.quick,
+                                           args.repeats, args.steps)), end="")
     elif args.command == "bench":
         from hvdllm.bench import bench, markdown
 

@@ -55,3 +55,23 @@ def test_bench_quick_writes_all_reports(tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 2 ranks Horovod fp32 |" in (out / "bench.md").read_text()
     assert "| 2 ranks Horovod fp32 |" in p.stdout
+
+
+def test_bench_memory_rows_count_what_each_layout_saves(tmp_path):
+    out = tmp_path / "bench"
+    p = run(hvdllm("bench", TINY, "--memory", "--quick", "--repeats", "1", "--steps", "2",
+                   "--out", out, "--set", f"run.dir={tmp_path / 'run'}", "--set", "model.n_layer=4"),
+            timeout=600)
+    s = json.loads((out / "bench-memory.json").read_text())
+    rows = {r["name"]: r for r in s["rows"]}
+    assert list(rows) == ["1 stage, 1 rank", "2 stages", "4 stages", "data parallel R=2",
+                          "ZeRO-1 R=2", "1 rank, activation checkpointing"]
+    for r in rows.values():
+        assert r["step_ms"] > 0 and r["measured_peak"] > 0 and r["predicted_peak"] > 0
+    # Counted, not timed: ZeRO-1 holds half the optimizer state of plain data parallelism (up to
+    # the padding), a stage of four a quarter of the model's, checkpointing fewer activations.
+    dp, zero = rows["data parallel R=2"], rows["ZeRO-1 R=2"]
+    assert abs(2 * zero["optimizer_per_rank"] - dp["optimizer_per_rank"]) <= 64
+    assert rows["4 stages"]["optimizer_per_rank"] < rows["1 stage, 1 rank"]["optimizer_per_rank"] / 2
+    assert rows["1 rank, activation checkpointing"]["activations"] < rows["1 stage, 1 rank"]["activations"]
+    assert "| ZeRO-1 R=2 | 2 |" in p.stdout and (out / "bench-memory.md").read_text() == p.stdout

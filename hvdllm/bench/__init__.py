@@ -7,6 +7,8 @@ Modules, each importing only those before it:
   cases     the two case studies (fp32 vs bf16; SGD vs momentum vs AdamW)
   report    bench.json, bench.md, bench.png
   runner    bench(): every launch, alternating, and the summary
+  memory_rows  bench --memory: per-rank peak (measured and predicted) and step time by layout
+  data_prep    bench --data: data preparation rows
 """
 
 from hvdllm.bench.report import markdown

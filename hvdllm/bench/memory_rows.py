@@ -92,8 +92,10 @@ def memory_bench(job_path: str, sets: list[str], out: Path, quick: bool = False,
     rows = [memory_row(c, infos[c.name], times[c.name]) for c in configs]
     by_name = {row["name"]: row for row in rows}
     for row in rows:
-        row["step_ratio"] = row["step_ms"] / by_name[row["baseline"]]["step_ms"] if row["baseline"] else 1.0
-    summary = {"job": job.run.name, "model": f"{job.model.family} {job.model.n_layer}x{job.model.n_embd}",
+        base = by_name.get(row["baseline"])
+        row["step_ratio"] = row["step_ms"] / base["step_ms"] if base else 1.0
+    summary = {"job": job.run.name,
+               "model": f"{job.model.family} {job.model.n_layer}x{job.model.n_embd}",
                "global_batch": job.training.global_batch_size, "seq_len": job.data.seq_len,
                "micro_batch_size": job.training.micro_batch_size, "dtype": job.precision.dtype,
                "repeats": repeats, "timed_steps": steps, "warmup_steps": warmup, "rows": rows,
@@ -110,8 +112,9 @@ def memory_markdown(s: dict) -> str:
              f"{s['micro_batch_size'] or 'derived'}; median of {s['repeats']} alternating launches "
              f"x {s['timed_steps']} timed steps ({s['warmup_steps']} warm-up). Peak: the rank with "
              f"the largest measured peak, next to what the memory model predicted for it.", "",
-             "| configuration | ranks | ms/step (repeats) | step ratio | vs | peak MiB (rank, stage) "
-             "| predicted MiB | error | optimizer MiB/rank | activations MiB |",
+             "| configuration | ranks | ms/step (repeats) | step ratio | vs "
+             "| peak MiB (rank, stage) | predicted MiB | error | optimizer MiB/rank "
+             "| activations MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         spread = ", ".join(f"{t:.0f}" for t in r["step_ms_repeats"])

@@ -157,7 +157,8 @@ def init_distributed(layout_for: Callable[[int], Layout], peer_timeout_s: float 
         if layout.stages > 1:
             raise UserError("pipeline stages need MPI point-to-point messages: launch with mpirun, "
                              "srun or horovodrun --mpi instead of horovodrun --gloo")
-        return Topology(layout=layout, rank=hvd.rank(), stage=0, replica=hvd.rank(), local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+        return Topology(layout=layout, rank=hvd.rank(), stage=0, replica=hvd.rank(),
+                        local_rank=hvd.local_rank(), local_size=hvd.local_size(),
                         process_set=hvd.global_process_set,
                         watchdog=_watchdog(hvd.rank(), 0, hvd.rank(), peer_timeout_s))
 
@@ -182,7 +183,8 @@ def init_distributed(layout_for: Callable[[int], Layout], peer_timeout_s: float 
         sets = [hvd.ProcessSet(layout.stage_ranks(s)) for s in range(stages)]
         hvd.init(comm=world_comm, process_sets=sets)
         process_set = sets[stage]
-    return Topology(layout=layout, rank=rank, stage=stage, replica=replica, local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+    return Topology(layout=layout, rank=rank, stage=stage, replica=replica,
+                    local_rank=hvd.local_rank(), local_size=hvd.local_size(),
                     process_set=process_set, stage_comm=stage_comm, pipe_comm=pipe_comm,
                     world_comm=world_comm,
                     embed_comm=embed_comm if embed_comm != MPI.COMM_NULL else None,

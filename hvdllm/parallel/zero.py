@@ -63,9 +63,10 @@ class ZeroSync:
                  sum_over_replicas: Callable[[float], float],
                  tied: torch.nn.Parameter | None = None) -> None:
         self.compression, self.replicas, self.process_set = compression, replicas, process_set
-        self.sum_over_replicas, self.backward_passes, self.stage = sum_over_replicas, backward_passes, stage
-        self.segments = [segment_of(n, p, replicas, replica) for n, p in named_params
-                         if p.requires_grad]
+        self.sum_over_replicas, self.stage = sum_over_replicas, stage
+        self.backward_passes = backward_passes  # per step, one per micro-batch
+        self.segments = [segment_of(n, p, replicas, replica)
+                         for n, p in named_params if p.requires_grad]
         self.owned = [s for s in self.segments if s.length]
         # What the optimizer updates: views of the replica's parts of the model's own parameters
         # (no second copy; the all-gather then overwrites each part with the same values).
@@ -96,7 +97,8 @@ class ZeroSync:
         name = f"zero.grads.stage{self.stage}.{s.name}"
         if self.compression == "fp16":
             self.handles[s.name] = hvd.reducescatter_async(
-                (padded / self.replicas).half(), op=hvd.Sum, name=name, process_set=self.process_set)
+                (padded / self.replicas).half(), op=hvd.Sum, name=name,
+                process_set=self.process_set)
         else:
             self.handles[s.name] = hvd.reducescatter_async(
                 padded, op=hvd.Average, name=name, process_set=self.process_set)

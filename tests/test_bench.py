@@ -68,10 +68,11 @@ def test_bench_memory_rows_count_what_each_layout_saves(tmp_path):
                           "ZeRO-1 R=2", "1 rank, activation checkpointing"]
     for r in rows.values():
         assert r["step_ms"] > 0 and r["measured_peak"] > 0 and r["predicted_peak"] > 0
-    # Counted, not timed: ZeRO-1 holds half the optimizer state of plain data parallelism (up to
-    # the padding), a stage of four a quarter of the model's, checkpointing fewer activations.
+    # Counted, not timed: ZeRO-1 holds half the optimizer state of plain data parallelism (each
+    # replica also keeps a 4-byte step per parameter part, and the larger part of an odd size),
+    # a stage of four a quarter of the model's, checkpointing fewer activations.
     dp, zero = rows["data parallel R=2"], rows["ZeRO-1 R=2"]
-    assert abs(2 * zero["optimizer_per_rank"] - dp["optimizer_per_rank"]) <= 64
+    assert 0 <= 2 * zero["optimizer_per_rank"] - dp["optimizer_per_rank"] <= 12 * 100  # < 100 tensors
     assert rows["4 stages"]["optimizer_per_rank"] < rows["1 stage, 1 rank"]["optimizer_per_rank"] / 2
     assert rows["1 rank, activation checkpointing"]["activations"] < rows["1 stage, 1 rank"]["activations"]
     assert "| ZeRO-1 R=2 | 2 |" in p.stdout and (out / "bench-memory.md").read_text() == p.stdout

@@ -4,6 +4,7 @@ test groups (markers) by module, and a wall-clock bound for tests that start ran
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,9 +46,17 @@ def env() -> dict[str, str]:
 
 def run(cmd: list[str], timeout: float = 300, check: bool = True, cwd: Path | None = None
         ) -> subprocess.CompletedProcess:
-    """Run a command; on an unexpected exit show its output in the assertion."""
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                       env=env(), cwd=cwd)
+    """Run a command; on an unexpected exit show its output in the assertion. Past `timeout`
+    the command and everything it started (ranks, launchers) are killed: none outlives its test."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env(), cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n"
                              f"--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")

@@ -102,3 +102,24 @@ def test_zero1_optimizer_bytes_are_a_slice():
     assert zero_optimizer_bytes(params, adamw, 1) == optimizer_state_bytes(params, adamw)
     assert zero_optimizer_bytes(params, adamw, 2) == 2 * 4 * 11 + 4 * 3
     assert zero_optimizer_bytes(params, OptimConfig(name="sgd", momentum=0.0), 2) == 0
+
+
+def test_zero1_buffers_and_all_gather_chunks(monkeypatch):
+    """ZeRO-1's buffers: replica 0's gradient parts plus one chunk of all-gather outputs; the
+    all-gather runs over consecutive chunks of at most GATHER_CHUNK_BYTES (a larger one alone)."""
+    import torch
+
+    from hvdllm.parallel import zero
+    from hvdllm.train.memory import zero_exchange_bytes
+
+    sizes = [10, 7, 4, 30]  # parts over 2 replicas: 5, 4, 2, 15; gathered 40, 32, 16, 120 bytes
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    assert zero_exchange_bytes(params[:3], 2) == 4 * 11 + 88  # every output fits one chunk
+    monkeypatch.setattr(zero, "GATHER_CHUNK_BYTES", 100)
+    assert zero_exchange_bytes(params, 2) == 4 * 26 + 120  # the largest parameter, alone
+    sync = zero.ZeroSync([(f"p{i}", p) for i, p in enumerate(params)],
+                         lambda decay, no_decay: torch.optim.SGD(decay + no_decay, lr=0.1),
+                         "none", None, replicas=2, replica=1, stage=0, backward_passes=1,
+                         sum_over_replicas=float)
+    assert [[s.name for s in c] for c in sync._gather_chunks()] == [["p0", "p1", "p2"], ["p3"]]
+    assert [(s.start, s.length) for s in sync.segments] == [(5, 5), (4, 3), (2, 2), (15, 15)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +39,16 @@ def run_ranks(ranks: int, cmd: list[str], what: str,
     """
     full = ["mpirun", "-np", str(ranks), *cmd]
     env = mpi_env(MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        p = subprocess.run(full, env=env, capture_output=True, text=True, timeout=timeout_s)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank it started
+        proc.communicate()
         raise RuntimeError(f"bench launch hung for {timeout_s:.0f} s ({what}): "
                            f"{shlex.join(full)}") from None
+    p = subprocess.CompletedProcess(full, proc.returncode, out, err)
     if p.returncode != 0:
         raise RuntimeError(f"bench launch failed ({what}): {shlex.join(full)}\n{p.stderr[-3000:]}")
     return p

@@ -13,7 +13,8 @@ replica r owns part r of each (a "segment"). Per step:
     step               the optimizer updates only the replica's segments (one tensor per
                        parameter, so weight-decay groups follow the parameter and Adam's step
                        count stays per tensor)
-    all-gather         hvd.allgather of the updated parts rebuilds every parameter everywhere
+    all-gather         hvd.allgather of the updated parts rebuilds every parameter everywhere,
+                       in chunks of GATHER_CHUNK_BYTES (its outputs are not all alive at once)
 
 Without compression the bytes per step equal an all-reduce's (a reduce-scatter plus an
 all-gather); with fp16 compression only the reduce-scatter is compressed. Optimizer state per
@@ -32,6 +33,10 @@ import torch.nn.functional as F
 
 from hvdllm.checkpoint.shards import shard_name
 from hvdllm.optim import decays, global_grad_norm
+
+GATHER_CHUNK_BYTES = 64 * 2**20
+"""The all-gather runs in chunks of parameters of about this many gathered bytes: its outputs
+(every parameter, fp32) are then never all alive at once (hvdllm/train/memory.py counts one)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,20 @@ class ZeroSync:
             self.handles[s.name] = hvd.reducescatter_async(
                 padded, op=hvd.Average, name=name, process_set=self.process_set)
 
+    def _gather_chunks(self) -> list[list[Segment]]:
+        """The segments in consecutive groups of at most GATHER_CHUNK_BYTES gathered (a larger
+        parameter alone)."""
+        chunks: list[list[Segment]] = [[]]
+        size = 0
+        for s in self.segments:
+            gathered = 4 * s.per * self.replicas
+            if chunks[-1] and size + gathered > GATHER_CHUNK_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(s)
+            size += gathered
+        return chunks
+
     # -- the seam -------------------------------------------------------------------------------
     def synchronize(self, tie: Callable[[], None] = lambda: None) -> None:
         """Sum tied copies, start what backward did not, and wait: each part gets its average."""
@@ -125,18 +144,22 @@ class ZeroSync:
     def step(self) -> None:
         """Update this replica's parts, then all-gather the parts into every parameter."""
         self.optimizer.step()
+        mine = {s.name: q.detach() for s, q in zip(self.owned, self.params)}
         with torch.no_grad():
-            mine = {s.name: q.detach() for s, q in zip(self.owned, self.params)}
-            handles = []
-            for s in self.segments:  # all started, then all waited for: Horovod fuses them
-                part = s.param.new_zeros(s.per)
-                if s.length:
-                    part[:s.length] = mine[s.name]
-                handles.append(hvd.allgather_async(part, name=f"zero.params.stage{self.stage}."
-                                                   f"{s.name}", process_set=self.process_set))
-            for s, handle in zip(self.segments, handles):
-                full = hvd.synchronize(handle)
-                s.param.copy_(full[:s.param.numel()].view_as(s.param))
+            for chunk in self._gather_chunks():  # a chunk's all-gathers started, then waited for
+                handles = [hvd.allgather_async(self._padded_part(s, mine),
+                                               name=f"zero.params.stage{self.stage}.{s.name}",
+                                               process_set=self.process_set) for s in chunk]
+                for s, handle in zip(chunk, handles):
+                    full = hvd.synchronize(handle)
+                    s.param.copy_(full[:s.param.numel()].view_as(s.param))
+
+    @staticmethod
+    def _padded_part(s: Segment, mine: dict[str, torch.Tensor]) -> torch.Tensor:
+        part = s.param.new_zeros(s.per)
+        if s.length:
+            part[:s.length] = mine[s.name]
+        return part
 
     def zero_grad(self) -> None:
         for s in self.segments:

@@ -12,7 +12,8 @@
   A run measures one micro-batch with models/activations.SavedActivations; `hvdllm memory`
   estimates it per family from the sizes (`block_bytes_per_token`, calibrated on that counter);
 - transient: the backward's working set of one micro-batch (a block's activation gradients,
-  the logits' gradient on the last stage, one recomputed block under checkpointing);
+  the logits' gradient on the last stage, one recomputed block under checkpointing); with ZeRO-1
+  also its gradient parts and one chunk of all-gather outputs (`zero_exchange_bytes`);
 - fixed: imports, the MPI/Horovod runtime and its buffers (FIXED_CPU_BYTES, measured here).
 """
 
@@ -87,6 +88,17 @@ def zero_optimizer_bytes(params: list[torch.Tensor], cfg: OptimConfig, replicas:
     the largest part) of the elementwise state, plus a step scalar per part."""
     elements = sum(-(-p.numel() // replicas) for p in params)
     return _slice_state(elements, sum(1 for p in params if p.numel()), cfg)
+
+
+def zero_exchange_bytes(params: list[torch.Tensor], replicas: int) -> int:
+    """ZeRO-1's buffers besides its optimizer state: the reduce-scatter's outputs (replica 0's
+    fp32 gradient parts, which the optimizer steps on) and one chunk of all-gather outputs
+    (parallel/zero.py GATHER_CHUNK_BYTES, or the largest parameter if that is larger)."""
+    from hvdllm.parallel.zero import GATHER_CHUNK_BYTES
+
+    parts = [-(-p.numel() // replicas) for p in params]
+    gathered = [4 * n * replicas for n in parts]
+    return 4 * sum(parts) + min(sum(gathered), max([GATHER_CHUNK_BYTES, *gathered]))
 
 
 def _slice_state(elements: int, parts: int, cfg: OptimConfig) -> int:
@@ -253,11 +265,13 @@ def rank_memory(t) -> dict:
                                                   t.stage.checkpointed)
     params = [p for p in t.model.parameters() if p.requires_grad]
     # t.params are what the optimizer holds: the stage's parameters, or ZeRO-1's slice parts.
+    transient = transient_estimate(t.stage, tokens, low, t.stage.checkpointed, t.device.type)
+    if job.parallel.zero:
+        transient += zero_exchange_bytes(params, layout.replicas)
     mine = _assemble(topo.stage, params, optimizer_state_bytes(t.params, job.optim), per_mb,
                      copies, in_flight(job.parallel.schedule, topo.stages, topo.stage,
                                        layout.micro_batches),
-                     transient_estimate(t.stage, tokens, low, t.stage.checkpointed, t.device.type),
-                     fixed_bytes(t.device.type, topo.rank == 0)).as_dict()
+                     transient, fixed_bytes(t.device.type, topo.rank == 0)).as_dict()
     mine.update(rank=topo.rank, activations_estimated_per_micro_batch=estimated,
                 startup_peak=measured_peak(t.device))
     return {"ranks": hvd.allgather_object(mine, name="memory_startup")}
@@ -324,10 +338,12 @@ def predict(job: JobConfig, world: int, device_type: str = "cuda") -> list[RankM
         per_mb, copies = stage_activation_estimate(stage, tokens, job.data.seq_len, low, checkpointed)
         optimizer = zero_optimizer_bytes(params, job.optim, layout.replicas) if zero \
             else optimizer_state_bytes(params, job.optim)
+        transient = transient_estimate(stage, tokens, low, checkpointed, device_type)
+        if zero:
+            transient += zero_exchange_bytes(params, layout.replicas)
         rows.append(_assemble(s, params, optimizer, per_mb, copies,
                               in_flight(job.parallel.schedule, layout.stages, s, layout.micro_batches),
-                              transient_estimate(stage, tokens, low, checkpointed, device_type),
-                              fixed_bytes(device_type, s == 0)))
+                              transient, fixed_bytes(device_type, s == 0)))
     return rows
 
 

@@ -49,6 +49,20 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+COMM_KEYS = ("sync_ms", "allreduce_bytes")
+
+
+def tensorboard_tag(key: str) -> str:
+    """The scalar's TensorBoard tag: val/…, memory/…, comm/… or train/…."""
+    if key.startswith("val_"):
+        return f"val/{key[4:]}"
+    if key.startswith("memory_"):
+        return f"memory/{key[7:]}"
+    if key in COMM_KEYS:
+        return f"comm/{key}"
+    return f"train/{key}"
+
+
 class MetricsWriter:
     """metrics.jsonl + TensorBoard under run_dir/tb; only the writing rank creates one."""
 
@@ -78,12 +92,15 @@ class MetricsWriter:
         self.jsonl.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step":
-                self.tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}",
-                                   value, step)
+                self.tb.add_scalar(tensorboard_tag(key), value, step)
         if "val_loss" in record:
             self._val = (step, record["val_loss"], record["val_ppl"])
             if "loss" not in record:
                 logger.info(self._val_line())
+
+    def image(self, tag: str, image, step: int) -> None:
+        """An H x W x 3 uint8 image in TensorBoard's images (the pipeline chart)."""
+        self.tb.add_image(tag, image, step, dataformats="HWC")
 
     def _val_line(self) -> str:
         """`step N/T | val loss X | ppl Y` for the latest evaluation logged."""

@@ -46,9 +46,17 @@ def test_bench_quick_writes_all_reports(tmp_path):
     names = [r["name"] for r in summary["rows"]]
     assert names[:5] == ["1 rank fp32", "1 rank bf16", "2 ranks torch DDP fp32",
                          "2 ranks Horovod fp32", "2 ranks Horovod fp32 fp16 compression"]
-    assert {"pipeline P=2 gpipe m=4 fp32", "pipeline P=2 1f1b m=4 fp32"} <= set(names)
+    assert {"pipeline P=2 gpipe m=4 fp32", "pipeline P=2 1f1b m=4 fp32", "1 rank fp32 profiled"
+            } <= set(names)
     for row in summary["rows"]:
         assert row["tokens_per_s"] > 0 and len(row["step_ms_repeats"]) == 2
+        assert row["peak_memory_mib"] > 100  # measured by every launch, the DDP peer's too
+    # GPipe and 1F1B drawn side by side; the profiled row traced its steps.
+    charts = summary["pipeline_charts"]
+    assert sorted(charts) == ["pipeline P=2 1f1b m=4 fp32", "pipeline P=2 gpipe m=4 fp32"]
+    assert all((out / f).read_bytes()[:4] == b"\x89PNG" and f in (out / "bench.md").read_text()
+               for f in charts.values())
+    assert list((out / "runs" / "1_rank_fp32_profiled-0" / "profile").glob("rank0.steps1-6.*"))
     hvd, fp16 = summary["rows"][3], summary["rows"][4]
     assert fp16["allreduce_payload_bytes"] * 2 == hvd["allreduce_payload_bytes"] > 0  # counted
     assert all(0 <= r["bubble"] < 1 for r in summary["rows"] if "bubble" in r)

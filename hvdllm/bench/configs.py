@@ -43,4 +43,7 @@ def configurations(ranks: int, quick: bool, dtype: str) -> list[Config]:
             Config(f"{dp} ZeRO-1", ranks, ["parallel.zero=1"], baseline=dp),
             Config(f"1 rank {dtype} activation checkpointing", 1,
                    ["training.activation_checkpointing=blocks"], baseline=one),
+            # torch.profiler on every step of the launch (the bench sets profile_steps): its cost.
+            Config(f"1 rank {dtype} profiled", 1,
+                   ["training.profile=true", "training.profile_start_step=1"], baseline=one),
             *pipeline_rows(quick, dtype, one)]

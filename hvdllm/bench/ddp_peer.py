@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import sys
 import time
 
@@ -80,10 +81,12 @@ def main(argv: list[str]) -> None:
         optimizer.step()
         optimizer.zero_grad()
         elapsed.append(time.perf_counter() - start)
-    dist.barrier()  # both ranks done before either leaves
+    # The largest rank's peak resident memory (Linux reports kB), beside hvdllm's measured peak.
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # also: every rank is done before any leaves
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"elapsed_s": elapsed, "loss": float(loss)}, f)
+            json.dump({"elapsed_s": elapsed, "loss": float(loss), "peak_bytes": int(peak)}, f)
     # Leave without tearing Gloo down: destroy_process_group() hangs now and then (pytorch#75097;
     # a bench launch stalled there after writing its results), and exiting with the group alive
     # can abort in the interpreter's finalisation. The results are written and closed.

@@ -48,7 +48,8 @@ def summarise(job: JobConfig, configs: list[Config], results: dict, ranks: int, 
                if info else None,
                "peak_tflops_per_rank": info.get("peak_tflops_per_rank"),
                "allreduce_payload_bytes": info.get("allreduce_payload_bytes_rank0") if not cfg.peer else None,
-               "framework_overhead": statistics.median(res["overhead"]) if res["overhead"] else None}
+               "framework_overhead": statistics.median(res["overhead"]) if res["overhead"] else None,
+               "peak_memory_mib": max(res["peak_bytes"]) / 2**20 if res["peak_bytes"] else None}
         if res["bubble"]:
             m = info["micro_batches"]
             row.update(bubble=statistics.median(res["bubble"]), bubble_theory=bubble_fraction(2, m))
@@ -77,41 +78,62 @@ def markdown(s: dict) -> str:
              f"Global batch {s['global_batch']} x {s['seq_len']} tokens; median of {s['repeats']} "
              f"alternating launches x {s['timed_steps']} timed steps ({s['warmup_steps']} warm-up).", "",
              "| configuration | ranks | tokens/s | ms/step | ratio | vs | MFU | bubble (theory) "
-             "| all-reduce bytes/rank/step | overhead |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| all-reduce bytes/rank/step | peak MiB/rank | overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         bubble = f"{100 * r['bubble']:.0f}% ({100 * r['bubble_theory']:.0f}%)" if "bubble" in r else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
         payload = f"{r['allreduce_payload_bytes']:,}" if r["allreduce_payload_bytes"] else ""
         overhead = f"{100 * r['framework_overhead']:.1f}%" if r["framework_overhead"] is not None else ""
+        peak = f"{r['peak_memory_mib']:,.0f}" if r.get("peak_memory_mib") else ""
         lines.append(f"| {r['name']} | {r['ranks']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
                      f"{r['ratio']:.2f} | {r['baseline'] or '-'} | {mfu} | {bubble} | {payload} "
-                     f"| {overhead} |")
+                     f"| {peak} | {overhead} |")
     lines += ["", "Scaling efficiency (N-rank tokens/s ÷ (N x 1-rank tokens/s), same dtype and threads "
               "per rank):", ""]
     lines += [f"- {name}: {eff:.2f}" for name, eff in s["scaling_efficiency"].items()]
     lines += ["", "Overhead: share of each step's wall-clock time spent outside the training step "
               "(logging, metrics, TensorBoard, the preemption check); the DDP peer has none of these."]
+    lines += ["", "Peak MiB/rank: the largest rank's peak resident memory (CPU) or allocated bytes "
+              "(GPU), largest over the repeats."]
+    if s.get("pipeline_charts"):
+        lines += ["", "Pipeline charts (the last step of each pipeline row's first launch):", ""]
+        lines += [f"- {name}: ![{name}]({file})" for name, file in s["pipeline_charts"].items()]
     if "case_studies" in s:
         lines += ["", cases_markdown(s["case_studies"], s["ranks"], s["case_steps"])]
     return "\n".join(lines) + "\n"
 
 
 def plot(s: dict, path: Path) -> None:
-    """bench.png: tokens/s per configuration as horizontal bars (DDP in red)."""
+    """bench.png: one row per configuration in three panels: tokens/s (DDP in red), peak memory
+    per rank, and the pipeline bubble measured beside its theory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = s["rows"]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
-    colors = ["#4c72b0" if "DDP" not in r["name"] else "#c44e52" for r in rows]
-    ax.barh([r["name"] for r in rows][::-1], [r["tokens_per_s"] for r in rows][::-1], color=colors[::-1])
-    for i, r in enumerate(rows[::-1]):
-        ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:,.0f}", va="center", fontsize=8)
-    ax.set_xlabel("tokens/s (higher is better)")
-    ax.set_title(f"hvdllm bench: {s['model']}, {s['cpu'][:40]}, {s['date']}", fontsize=10)
+    rows = s["rows"][::-1]  # the first row on top
+    names, y = [r["name"] for r in rows], range(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.42 * len(rows) + 1.5), sharey=True,
+                             gridspec_kw={"width_ratios": [3, 2, 1.4]})
+    panels = [("tokens/s (higher is better)", [r["tokens_per_s"] for r in rows], "{:,.0f}"),
+              ("peak MiB per rank", [r.get("peak_memory_mib") or 0 for r in rows], "{:,.0f}"),
+              ("pipeline bubble %", [100 * r.get("bubble", 0) for r in rows], "{:.0f}")]
+    for ax, (label, values, fmt) in zip(axes, panels):
+        colors = ["#c44e52" if "DDP" in n else "#4c72b0" for n in names]
+        ax.barh(names, values, color=colors)
+        for i, v in enumerate(values):
+            if v:
+                ax.text(v, i, " " + fmt.format(v), va="center", fontsize=7)
+        ax.set_xlabel(label, fontsize=9)
+        ax.margins(x=0.25)
+    theory = [(i, 100 * r["bubble_theory"]) for i, r in zip(y, rows) if "bubble_theory" in r]
+    if theory:
+        axes[2].scatter([t for _, t in theory], [i for i, _ in theory], marker="|", s=200,
+                        color="black", label="theory", zorder=3)
+        axes[2].legend(fontsize=7, loc="upper right")
+    axes[0].tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"hvdllm bench: {s['model']}, {s['cpu'][:40]}, {s['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ def launch(cfg: Config, job_path: str, sets: list[str], run_dir: Path, steps: in
     """One launch; returns the wall-clock seconds after each completed step."""
     all_sets = [*sets, *cfg.sets, f"run.dir={run_dir}", f"training.steps={steps}",
                 "training.log_every=1", "training.eval_every=0", "training.eval_batches=1",
-                "training.checkpoint_every=0", f"training.threads={threads}"]
+                "training.checkpoint_every=0", f"training.threads={threads}",
+                # A profiled row profiles every step; the chart is drawn after the last (untimed).
+                f"training.profile_steps={steps}", f"training.pipeline_chart_every={steps}"]
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.peer:
         cmd = module_command("hvdllm.bench.ddp_peer", job_path, str(run_dir / "ddp.json"),
@@ -74,12 +77,27 @@ def record(result: dict, cfg: Config, run_dir: Path, elapsed: list[float], warmu
     """Add one launch's step time (and for hvdllm train: run info, bubble, overhead) to `result`."""
     result["step_s"].append(timed_step_s(elapsed, warmup))
     if cfg.peer:
+        result["peak_bytes"].append(json.loads((run_dir / "ddp.json").read_text())["peak_bytes"])
         return
     result["info"] = run_info(run_dir)
+    result["peak_bytes"].append(result["info"]["memory"]["measured_peak_max"])
     rows = step_rows(run_dir)[warmup:-1]  # the timed steps
     if "bubble" in rows[0]:
         result["bubble"].append(statistics.median(r["bubble"] for r in rows))
     result["overhead"].append(framework_overhead(rows))
+
+
+def copy_pipeline_charts(configs: list[Config], out: Path, last_step: int) -> dict[str, str]:
+    """The first launch's chart of each pipeline row (its last step) beside the reports, so that
+    GPipe and 1F1B are seen side by side: row name -> file name."""
+    charts = {}
+    for cfg in configs:
+        chart = out / "runs" / f"{cfg.name.replace(' ', '_')}-0" / "pipeline" / f"step{last_step:08d}.png"
+        if "pipeline" in cfg.name and chart.is_file():
+            name = "chart-" + cfg.name.replace(" ", "_").replace("=", "") + ".png"
+            shutil.copyfile(chart, out / name)
+            charts[cfg.name] = name
+    return charts
 
 
 def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool = False,
@@ -94,7 +112,8 @@ def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool
     prepare(job)  # once, before any launch; every launch reads these tokens
     sets = [*sets, f"data.dir={job.data_dir.resolve()}"]
     configs = configurations(ranks, quick, job.precision.dtype)
-    results: dict[str, dict] = {c.name: {"step_s": [], "bubble": [], "overhead": []} for c in configs}
+    results: dict[str, dict] = {c.name: {"step_s": [], "bubble": [], "overhead": [], "peak_bytes": []}
+                                for c in configs}
     start = time.time()
     for r in range(repeats):
         for cfg in configs:  # A B C ... A B C ...: drift hits every configuration alike
@@ -108,6 +127,7 @@ def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool
         summary["case_studies"] = case_studies(job_path, sets, out, ranks, case_steps,
                                                eval_every=max(1, case_steps // 10))
         summary["case_steps"] = case_steps
+    summary["pipeline_charts"] = copy_pipeline_charts(configs, out, warmup + steps + 1)
     summary["seconds"] = time.time() - start
     write_reports(summary, out)
     return summary

@@ -163,6 +163,13 @@ def validate(job: JobConfig) -> None:
         need(getattr(getattr(job, section), name) >= 0, f"{section}.{name} must be >= 0")
     need(job.training.keep_checkpoints >= 1, "training.keep_checkpoints must be >= 1")
     need(job.training.checkpoint_every_blocks >= 1, "training.checkpoint_every_blocks must be >= 1")
+    need(job.training.profile_start_step >= 1, "training.profile_start_step must be >= 1")
+    need(job.training.profile_steps >= 1, "training.profile_steps must be >= 1")
+    need(job.training.pipeline_chart_every >= 0, "training.pipeline_chart_every must be >= 0")
+    need(not (job.training.profile or job.parallel.horovod_timeline)
+         or job.training.profile_start_step <= job.training.steps,
+         f"training.profile_start_step ({job.training.profile_start_step}) is after the last step "
+         f"({job.training.steps}): nothing would be profiled")
     for section, name, limit, why in LIMITS:
         need(getattr(getattr(job, section), name) <= limit,
              f"{section}.{name} = {getattr(getattr(job, section), name)} is over {limit:,}: {why}")

@@ -129,6 +129,19 @@ class TrainingConfig:
     checkpoint_every_blocks: int = 1
     """With activation_checkpointing = "blocks": checkpoint the blocks whose index (0-based, in
     the full model, whatever the layout) is a multiple of this; 1 checkpoints every block."""
+    profile: bool = False
+    """Profile steps profile_start_step .. + profile_steps - 1 with torch.profiler (CPU and, on
+    GPUs, CUDA activities; shapes and memory): one trace per rank in run_dir/profile/, for
+    Perfetto, chrome://tracing or TensorBoard's PyTorch profiler plugin. Off: no profiler exists."""
+    profile_start_step: int = 3
+    """First profiled step (numbered from 1, like the logs; the first steps are warm-up). Also the
+    first step of parallel.horovod_timeline."""
+    profile_steps: int = 2
+    """How many steps training.profile and parallel.horovod_timeline record."""
+    pipeline_chart_every: int = 0
+    """Draw one step's spans on every rank (forward, backward, waits for messages, gradient sync,
+    optimizer) as a Gantt chart, run_dir/pipeline/step{N}.png and TensorBoard's images, every this
+    many steps; 0: once, at the second step of each launch (the first is warm-up)."""
 
 
 @dataclass
@@ -193,6 +206,10 @@ class ParallelConfig:
     zero: int = 0
     """1: ZeRO-1, each stage's optimizer state split over its replicas (gradients reduce-scattered,
     each replica updates its slice, parameters all-gathered); 0: plain data parallelism."""
+    horovod_timeline: bool = False
+    """Record Horovod's timeline (negotiation, fusion, the all-reduce of each gradient) for the
+    steps training.profile_start_step .. + profile_steps - 1, written by rank 0 to
+    run_dir/profile/horovod_timeline.steps{A}-{B}.json (sets HOROVOD_TIMELINE=DYNAMIC)."""
     peer_timeout_s: float = 300.0
     """Seconds a rank waits for another (a pipeline message, an all-reduce, a barrier) before it
     ends the job with a message saying what it waited for; 0 waits forever."""

@@ -20,8 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hvdllm.parallel.schedules import SCHEDULES
 from hvdllm.models import Stage, causal_lm_loss
+from hvdllm.parallel.schedules import SCHEDULES
+from hvdllm.profile.spans import StepSpans
 
 ACT_TAG, GRAD_TAG = 11, 22
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -35,6 +36,7 @@ class PointToPoint:
         self.comm, self.waiting = comm, waiting  # waiting: the watchdog guard
         self.pending: list = []  # (request, buffers) of sends in flight
         self.wait_s = 0.0  # time spent blocked in receives (the measured bubble)
+        self.spans: StepSpans | None = None  # the training step's spans (None in evaluation)
 
     def send(self, tensor: torch.Tensor, dest_stage: int, tag: int) -> None:
         t = tensor.detach().contiguous().cpu()
@@ -46,7 +48,8 @@ class PointToPoint:
                 self.comm.Isend([payload, MPI.BYTE], dest=dest_stage, tag=tag + 1)]
         self.pending.append((reqs, (header, payload, t)))
 
-    def recv(self, src_stage: int, tag: int, what: str, device: torch.device) -> torch.Tensor:
+    def recv(self, src_stage: int, tag: int, what: str, device: torch.device,
+             micro: int = -1) -> torch.Tensor:
         from mpi4py import MPI
 
         start = time.perf_counter()
@@ -56,16 +59,22 @@ class PointToPoint:
             dtype, shape = _DTYPES[header[0]], [int(d) for d in header[2:2 + header[1]]]
             out = torch.empty(shape, dtype=dtype)
             self.comm.Recv([out.view(torch.uint8).numpy(), MPI.BYTE], source=src_stage, tag=tag + 1)
-        self.wait_s += time.perf_counter() - start
+        end = time.perf_counter()
+        self.wait_s += end - start
+        if self.spans is not None:  # the same two readings: chart and bubble agree
+            self.spans.add("recv", micro, start, end)
         return out.to(device)
 
     def finish_sends(self) -> None:
         from mpi4py import MPI
 
+        start = time.perf_counter()
         with self.waiting("the neighbours to receive this step's messages"):
             for reqs, _buffers in self.pending:
                 MPI.Request.Waitall(reqs)
         self.pending.clear()
+        if self.spans is not None:
+            self.spans.add("send", -1, start, time.perf_counter())
 
 
 @dataclass
@@ -95,12 +104,12 @@ class PipelineRunner:
         if self.stage.first:
             return get_batch(i)[0].to(self.device)
         x = self.p2p.recv(self.s - 1, ACT_TAG, f"activations of micro-batch {i}",
-                          self.device)
+                          self.device, micro=i)
         return x.requires_grad_()
 
-    def _forward(self, i: int, get_batch: Callable[[int], Batch], step: int):
+    def _forward(self, i: int, get_batch: Callable[[int], Batch], step: int, spans: StepSpans):
         x = self._input(i, get_batch, step)
-        with self.autocast():
+        with spans.span("forward", i), self.autocast():
             out = self.stage.forward(x)
             if self.stage.last:
                 targets = get_batch(i)[1].to(self.device)
@@ -109,32 +118,38 @@ class PipelineRunner:
             self.p2p.send(out, self.s + 1, ACT_TAG)
         return x, out
 
-    def _backward(self, i: int, x: torch.Tensor, out: torch.Tensor, step: int) -> None:
+    def _backward(self, i: int, x: torch.Tensor, out: torch.Tensor, step: int,
+                  spans: StepSpans) -> None:
         if self.stage.last:
-            self.scale_loss(out / self.m).backward()
+            with spans.span("backward", i):
+                self.scale_loss(out / self.m).backward()
         else:
             grad = self.p2p.recv(self.s + 1, GRAD_TAG, f"gradients of micro-batch {i}",
-                                 self.device)
-            out.backward(grad.to(out.dtype))
+                                 self.device, micro=i)
+            with spans.span("backward", i):
+                out.backward(grad.to(out.dtype))
         if not self.stage.first:
             self.p2p.send(x.grad, self.s - 1, GRAD_TAG)
 
-    def train_step(self, get_batch: Callable[[int], Batch], step: int) -> StepResult:
-        """Run the schedule: forwards and backwards in order, messages implied by the stage."""
+    def train_step(self, get_batch: Callable[[int], Batch], step: int,
+                   spans: StepSpans) -> StepResult:
+        """Run the schedule: forwards and backwards in order, messages implied by the stage;
+        each action is recorded in `spans`."""
         live: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         loss_sum, peak = torch.zeros((), device=self.device), 0
         if self.p2p:
-            self.p2p.wait_s = 0.0
+            self.p2p.wait_s, self.p2p.spans = 0.0, spans
         for kind, i in self.actions:
             if kind == "F":
-                live[i] = self._forward(i, get_batch, step)
+                live[i] = self._forward(i, get_batch, step, spans)
                 peak = max(peak, len(live))
                 if self.stage.last:
                     loss_sum += live[i][1].detach()
             else:
-                self._backward(i, *live.pop(i), step)
+                self._backward(i, *live.pop(i), step, spans)
         if self.p2p:
             self.p2p.finish_sends()
+            self.p2p.spans = None
         return StepResult(loss=loss_sum / self.m, wait_s=self.p2p.wait_s if self.p2p else 0.0,
                           peak_live=peak)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import horovod.torch as hvd
+import numpy as np
 import torch
 
 from hvdllm.errors import UserError
@@ -95,13 +96,19 @@ class Topology:
 
     def world_max(self, value: float) -> float:
         """Maximum of a scalar over every rank (all stages and replicas)."""
+        return self.world_maxima([value])[0]
+
+    def world_maxima(self, values: list[float]) -> list[float]:
+        """Elementwise maximum of a few scalars over every rank, in one exchange."""
         with self.waiting("the other ranks (world maximum)"):
             if self.world_comm is not None:  # mpi4py: a few microseconds on one node
                 from mpi4py import MPI
 
-                return float(self.world_comm.allreduce(float(value), op=MPI.MAX))
-            return float(hvd.allreduce(torch.tensor([float(value)]), op=hvd.Max,
-                                       name="world_max", process_set=hvd.global_process_set)[0])
+                out = np.array(values, dtype=np.float64)
+                self.world_comm.Allreduce(MPI.IN_PLACE, out, op=MPI.MAX)
+                return out.tolist()
+            return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Max,
+                                 name="world_max", process_set=hvd.global_process_set).tolist()
 
     def sum_over_stages(self, value: float) -> float:
         """Sum of a scalar over the stages of this rank's replica (identity with one stage)."""

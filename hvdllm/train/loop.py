@@ -25,7 +25,10 @@ from hvdllm.metrics import MetricsWriter
 from hvdllm.models import count_parameters
 from hvdllm.parallel.schedules import bubble_fraction
 from hvdllm.preemption import Preempted, StopRequest
+from hvdllm.profile.spans import StepSpans
+from hvdllm.profile.tracing import Tracer, make_tracer
 from hvdllm.train.memory import rank_memory, record_peaks, startup_line
+from hvdllm.train.observe import chart_due, draw_pipeline, usage_metrics
 from hvdllm.train.resume import save_checkpoint
 from hvdllm.train.step import evaluate, train_step
 from hvdllm.train.trainer import Trainer, setup
@@ -92,17 +95,51 @@ def train(job: JobConfig, resume: str | None = None, fresh: bool = False) -> dic
         (job.run_dir / "job.toml").write_text(dump_toml(job))
         writer = MetricsWriter(job.run_dir, dump_toml(job), job.training.steps, t.start_step)
         write_run_info(t, memory)
-    tokens_per_step = job.training.global_batch_size * job.data.seq_len
-    every = job.training
+    # None unless training.profile or parallel.horovod_timeline: then nothing is traced at all.
+    tracer = make_tracer(job.run_dir, t.topo.rank, job.training.profile, t.horovod_timeline,
+                         job.training.profile_start_step, job.training.profile_steps,
+                         t.start_step, job.training.steps, t.device.type == "cuda")
+    try:
+        last = run_steps(t, writer, tracer, stop)
+    except Preempted:
+        if tracer:
+            tracer.stop()  # what was recorded is written
+        raise
+    except BaseException:
+        if tracer:  # not the timeline: with Horovod down its writer thread would never answer
+            tracer.stop(timeline=False)
+        raise
+    finally:
+        if writer:
+            writer.close()
+    record_peaks(t, memory, job.run_dir / "run_info.json")  # every rank's measured peak
+    if "val_loss" in last:
+        logger.info("done: val loss %.4f, val ppl %.2f", last["val_loss"], last["val_ppl"])
+    return last
+
+
+def run_steps(t: Trainer, writer: MetricsWriter | None, tracer: Tracer | None,
+              stop: StopRequest) -> dict[str, float]:
+    """The steps from the start step to the end; logs, evaluates, draws and checkpoints on
+    their schedules. Raises Preempted after the checkpoint of a signalled step."""
+    every = t.job.training
+    tokens_per_step = every.global_batch_size * t.job.data.seq_len
     last: dict[str, float] = {}
     window: list[dict] = []
     run_start = time.perf_counter()
     for step in range(t.start_step, every.steps):
-        window.append(train_step(t, step))
         done = step + 1  # steps completed: logs and checkpoints are numbered by it
+        if tracer:
+            tracer.before_step(done)
+        spans = StepSpans(label=bool(tracer and tracer.recording and tracer.torch_profile))
+        record = train_step(t, step, spans)
+        window.append(record)
+        if tracer:
+            tracer.after_step(done)
         metrics: dict[str, float] = {}
         if due(done, every.log_every, every.steps):
-            metrics, window = log_metrics(t, window, tokens_per_step), []
+            metrics = {**log_metrics(t, window, tokens_per_step), **usage_metrics(t, window)}
+            window = []
         if due(done, every.eval_every, every.steps):
             metrics.update(evaluate(t))
         if metrics:
@@ -112,17 +149,12 @@ def train(job: JobConfig, resume: str | None = None, fresh: bool = False) -> dic
                 writer.log(done, metrics)
                 if "loss" in metrics:
                     writer.console(done, last, time.perf_counter() - run_start, done - t.start_step)
+        if chart_due(done, every.pipeline_chart_every, t.start_step, every.steps):
+            draw_pipeline(t, writer, done, spans, record["step_s"])
         # Preemption: all ranks agree whether any was signalled, so they stop after the same step.
         signalled = int(t.topo.world_max(stop.signum)) if done < every.steps else 0
         if signalled or due(done, every.checkpoint_every, every.steps):
             save_checkpoint(t, done)
         if signalled:
-            if writer:
-                writer.close()
             raise Preempted(done, signalled)
-    record_peaks(t, memory, job.run_dir / "run_info.json")  # every rank's measured peak
-    if writer:
-        if "val_loss" in last:
-            logger.info("done: val loss %.4f, val ppl %.2f", last["val_loss"], last["val_ppl"])
-        writer.close()
     return last

@@ -132,6 +132,16 @@ def measured_peak(device: torch.device) -> int:
     return 0
 
 
+def measured_now(device: torch.device) -> int:
+    """What the rank holds now: CUDA's allocated bytes, or the process's resident memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure_activations(stage, device: torch.device, autocast, micro_batch_size: int,
                         seq_len: int, vocab_size: int) -> int:
     """Saved bytes of one training forward of the stage on a synthetic micro-batch (no messages,

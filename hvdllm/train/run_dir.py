@@ -1,7 +1,7 @@
 """Whose run directory is this? A fresh `hvdllm train` never mixes with, or deletes, another run.
 
-A run directory holds one run: its checkpoints, metrics.jsonl, TensorBoard events, job.toml and
-run_info.json. Continuing it needs `--resume` (or `--resume auto`, which Slurm requeues use);
+A run directory holds one run: its checkpoints, metrics.jsonl, TensorBoard events, job.toml,
+run_info.json, pipeline charts and profiler traces. Continuing it needs `--resume` (or `--resume auto`, which Slurm requeues use);
 a fresh run in a directory that holds one is refused, unless `--fresh` asks to move the old
 run's files aside into RUN_DIR/previous/<UTC time>/ first. Prepared data (RUN_DIR/data by
 default) and Slurm's logs stay where they are. Rank 0 decides; the others are told.
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from hvdllm.errors import UserError
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "job.toml", "run_info.json")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "job.toml", "run_info.json", "pipeline",
+             "profile")
 """What a training run writes into its run directory."""
 
 

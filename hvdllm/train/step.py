@@ -11,22 +11,24 @@ import torch
 from hvdllm.data import TokenReader
 from hvdllm.optim import clip_gradients, set_lr
 from hvdllm.parallel.pipeline import StepResult, sync_tied_gradient
+from hvdllm.profile.spans import StepSpans
 from hvdllm.train.trainer import Trainer
 
 
-def forward_backward(t: Trainer, step: int) -> StepResult:
+def forward_backward(t: Trainer, step: int, spans: StepSpans) -> StepResult:
     """Run the schedule over this replica's micro-batches (forward, backward, messages)."""
     topo, layout = t.topo, t.topo.layout
     t.model.train()
     torch.manual_seed(t.job.run.seed * 100_003 + step * 1009 + topo.rank)  # dropout: exact on resume
 
     def batch(micro: int):
-        return t.reader.micro_batch(step, topo.replica, micro, layout.micro_batch_size,
-                                    topo.replicas)
+        with spans.span("data", micro):
+            return t.reader.micro_batch(step, topo.replica, micro, layout.micro_batch_size,
+                                        topo.replicas)
 
     # Horovod's hooks fire during each gradient's last backward pass: its ring all-reduce starts
     # as soon as it is ready, overlapping the rest of backward.
-    return t.runner.train_step(batch, step)
+    return t.runner.train_step(batch, step, spans)
 
 
 def synchronize_gradients(t: Trainer) -> bool:
@@ -58,16 +60,20 @@ def update_weights(t: Trainer, step: int, overflow: bool) -> dict[str, float]:
             "skipped_steps": t.skipped_steps}
 
 
-def train_step(t: Trainer, step: int) -> dict[str, float]:
-    """One optimizer step over the global batch; returns this rank's metrics."""
-    start = time.perf_counter()
+def train_step(t: Trainer, step: int, spans: StepSpans | None = None) -> dict[str, float]:
+    """One optimizer step over the global batch; returns this rank's metrics. Its spans
+    (profile/spans.py) are recorded in `spans` (the pipeline chart's material)."""
+    spans = spans or StepSpans()
+    start = spans.begin()  # the step's time and its spans share this origin
     if t.topo.watchdog:
         t.topo.watchdog.step = step
-    result = forward_backward(t, step)
-    overflow = synchronize_gradients(t)
-    stats = update_weights(t, step, overflow)
+    result = forward_backward(t, step, spans)
+    with spans.span("sync"):
+        overflow = synchronize_gradients(t)
+    with spans.span("optimizer"):
+        stats = update_weights(t, step, overflow)
     return {"loss": result.loss, "wait_s": result.wait_s, "step_s": time.perf_counter() - start,
-            "peak_live": result.peak_live, **stats}
+            "sync_s": spans.total("sync"), "peak_live": result.peak_live, **stats}
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from hvdllm.parallel.pipeline import PipelineRunner, PointToPoint
 from hvdllm.parallel.topology import Topology, init_distributed
 from hvdllm.parallel.zero import ZeroSync
 from hvdllm.precision import LossScaler, autocast
+from hvdllm.profile.tracing import enable_horovod_timeline
 from hvdllm.train.resume import restore
 from hvdllm.train.run_dir import claim_run_dir
 
@@ -56,6 +57,8 @@ class Trainer:
     peak_tflops: float = 0.0
     skipped_steps: int = 0
     """Steps skipped because a gradient overflowed (fp16)."""
+    horovod_timeline: bool = False
+    """Horovod can start its timeline (parallel.horovod_timeline, set up before hvd.init)."""
     val_batches: list = field(default_factory=list)
     """This replica's validation windows (cut at the first evaluation)."""
 
@@ -131,6 +134,7 @@ def gradient_sync(job: JobConfig, topo: Topology, stage: Stage,
 
 
 def setup(job: JobConfig, resume: str | None, fresh: bool = False) -> Trainer:
+    timeline = enable_horovod_timeline(job.parallel.horovod_timeline)  # before hvd.init
     topo = init_distributed(lambda world: job_layout(job, world), job.parallel.peer_timeout_s)
     setup_logging(topo.rank)
     device = pick_device(topo, job.training.threads)
@@ -174,4 +178,4 @@ def setup(job: JobConfig, resume: str | None, fresh: bool = False) -> Trainer:
                    sync=sync, schedule=LRSchedule(job.optim, peak_lr, job.training.steps),
                    scaler=scaler, runner=runner, checkpoints=CheckpointManager(job.run_dir),
                    start_step=start_step, flops_per_token=fpt, peak_tflops=peak,
-                   skipped_steps=int(saved.get("skipped_steps", 0)))
+                   skipped_steps=int(saved.get("skipped_steps", 0)), horovod_timeline=timeline)

@@ -11,10 +11,10 @@ from hvdllm.log import world_rank
 real_step = hvdllm.train.loop.train_step
 
 
-def failing_step(t, step):
+def failing_step(t, step, *args):
     if world_rank() == 1 and step == 3:
         raise RuntimeError("injected failure on rank 1 at step 3")
-    return real_step(t, step)
+    return real_step(t, step, *args)
 
 
 hvdllm.train.loop.train_step = failing_step

@@ -9,12 +9,13 @@ import sys
 import torch
 
 from hvdllm.config import load_job
+from hvdllm.profile.spans import StepSpans
 from hvdllm.train import forward_backward, setup, synchronize_gradients
 
 job_path, out, *rest = sys.argv[1:]
 job = load_job(job_path, [a for a in rest if a != "--set"])
 t = setup(job, None)
-forward_backward(t, step=0)
+forward_backward(t, 0, StepSpans())
 assert not synchronize_gradients(t)  # no overflow in fp32
 if t.topo.replica == 0:
     torch.save({n: p.grad.clone() for n, p in t.model.named_parameters()}, f"{out}.stage{t.topo.stage}")

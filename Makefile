@@ -1,5 +1,6 @@
 # The two commands of the README: `make test` and `make demo`. Both set up first (idempotent).
-# `make test-unit`, `test-mpi`, `test-slurm`, `test-bench` run one group of tests (pytest -m).
+# `make test-unit`, `test-mpi`, `test-slurm`, `test-bench`, `test-multihost` run one group of
+# tests (pytest -m).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RANKS  ?= 2
@@ -9,7 +10,7 @@ PYTEST := $(PY) -m pytest tests
 # defined once, in hvdllm/launch/env.py, and passed as environment variables.
 MPIRUN := env $$($(PY) -m hvdllm.launch.env) mpirun -np $(RANKS)
 
-.PHONY: setup setup-slurm test test-unit test-mpi test-slurm test-bench demo clean
+.PHONY: setup setup-slurm test test-unit test-mpi test-slurm test-bench test-multihost demo clean
 setup:
 	@bash scripts/setup.sh
 
@@ -30,6 +31,9 @@ test-slurm: setup setup-slurm
 
 test-bench: setup
 	$(PYTEST) -m bench
+
+test-multihost: setup setup-slurm
+	$(PYTEST) -m multihost
 
 demo: setup
 	$(VENV)/bin/hvdllm prepare jobs/quickstart.toml

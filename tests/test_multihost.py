@@ -8,9 +8,12 @@ while the hosts' teardown kills what it started inside them. Needs root, ip, tc 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import BIN, TINY, env, hvdllm, mpirun, run, train_losses
@@ -157,3 +160,91 @@ def test_horovodrun_across_hosts_matches_one_host(controller, two_hosts, tiny_ar
     horovodrun_in_hosts(hosts, ssh_dir, controller,
                         *hvdllm("train", TINY, *tiny_args("hosts", *TRAIN)))
     assert_same_losses(train_losses(tmp_path / "hosts"), one_host_losses)
+
+
+PEER_TIMEOUT_S = 10
+
+
+def start_in_host(host, cmd: list, log) -> subprocess.Popen:
+    """A launch started in `host` in its own session (so the test can end what it started here)."""
+    return subprocess.Popen([str(c) for c in host.command(*cmd)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def logged_steps(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def launch_pids(hosts) -> list[int]:
+    """Whatever still runs in the hosts: the launch's ranks, mpirun and its daemons."""
+    return [pid for h in hosts for pid in h.pids()]
+
+
+def train_across(hosts, agent, tiny_args, name: str, *sets: str, resume: bool = False) -> list:
+    args = tiny_args(name, "training.threads=1", "training.log_every=1",
+                     f"parallel.peer_timeout_s={PEER_TIMEOUT_S}", *sets)
+    return ["mpirun", *hosts.mpirun_args(agent, env=env()), *hvdllm("train", TINY, *args),
+            *(["--resume", "auto"] if resume else [])]
+
+
+def test_cut_link_ends_every_rank_with_what_it_waited_for(two_hosts, tiny_args, tmp_path):
+    """The second host's link goes down mid-run: each rank's watchdog fires after the peer
+    timeout and aborts; MPI_Abort towards an unreachable host is bounded (ABORT_GRACE_S), and
+    mpirun notices the lost host (hosts.OOB_KEEPALIVE): every rank, mpirun and its daemons are
+    gone within peer_timeout_s + 30 s."""
+    hosts, agent = two_hosts
+    run_dir = tmp_path / "cut"
+    with open(tmp_path / "cut.log", "w") as log:
+        job = start_in_host(hosts[0], train_across(hosts, agent, tiny_args, "cut",
+                                                   "training.steps=100000"), log)
+        try:
+            wait_for(lambda: logged_steps(run_dir) >= 5, 120, "five steps")
+            run(["ip", "link", "set", hosts[1].peer, "down"])
+            cut = time.monotonic()
+            wait_for(lambda: not launch_pids(hosts), PEER_TIMEOUT_S + 30,
+                     "every rank, mpirun and its daemons to end")
+            assert job.wait(timeout=max(1, cut + PEER_TIMEOUT_S + 30 - time.monotonic())) != 0
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    # Whichever notices first says what was lost: a rank's watchdog (what it waited for, in which
+    # step) or mpirun (the daemon, on which host, it lost).
+    output = (tmp_path / "cut.log").read_text()
+    watchdog = f"waited {PEER_TIMEOUT_S} s for" in output and "ending the job" in output
+    assert watchdog or "lost communication with a remote daemon" in output, output[-3000:]
+
+
+def test_dead_host_ends_the_job_and_resume_continues(two_hosts, tiny_args, tmp_path):
+    """Every rank of the second host killed: the job ends everywhere within 30 s (its orted
+    reports the death; mpirun ends the rest); `--resume auto` on the same hosts continues
+    from the last checkpoint to the end."""
+    hosts, agent = two_hosts
+    run_dir = tmp_path / "dead"
+    sets = ("training.steps=1500", "training.checkpoint_every=10")
+    with open(tmp_path / "dead.log", "w") as log:
+        job = start_in_host(hosts[0], train_across(hosts, agent, tiny_args, "dead", *sets), log)
+        try:
+            wait_for(lambda: logged_steps(run_dir) >= 25, 120, "25 steps")
+            for pid in hosts[1].pids():  # its rank (orted is not a rank: it reports the death)
+                if b"hvdllm" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not launch_pids(hosts) and job.poll() is not None, 30,
+                     "the job to end everywhere")
+            assert job.returncode != 0
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    saved = max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved >= 20
+    run(hosts[0].command(*train_across(hosts, agent, tiny_args, "dead", *sets, resume=True)),
+        timeout=LAUNCH_TIMEOUT_S)
+    steps = sorted(train_losses(run_dir))
+    assert steps == list(range(1, 1501))  # the resumed run replaced what came after `saved`

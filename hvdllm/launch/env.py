@@ -8,6 +8,13 @@ setting is the environment form of an `mpirun` flag (docs/launching.md):
 - no binding (`--bind-to none`): otherwise each rank's torch threads share one core;
 - yield when idle (`--mca mpi_yield_when_idle 1`): on CPU a waiting rank's progress engine would
   otherwise spin on the core the other rank needs for compute (~30 % slower with 2 ranks).
+- keepalive on mpirun's control connections (`--mca oob_tcp_keepalive_*`, set here in the
+  environment, which mpirun also hands its daemons: the command-line form did not end a launch
+  in the cut-link test): an idle connection is probed every 2 s and a daemon that misses 3
+  probes is dropped, so a lost host ends the launch in seconds with OpenMPI's message naming it.
+  With the defaults (300 s idle, then 9 x 20 s) mpirun and the far host's daemon wait on each
+  other for minutes after a cut link, while no rank is left (tests/test_multihost.py). Harmless
+  on one machine, where there are no remote daemons.
 
 `python -m hvdllm.launch.env` prints them as NAME=value lines, for `env $(...) mpirun ...`.
 Standard library only: the Makefile runs it before anything else is imported.
@@ -26,8 +33,12 @@ LOCAL_MPI_ENV: dict[str, str] = {
     "OMPI_MCA_rmaps_base_oversubscribe": "1",
     "OMPI_MCA_hwloc_base_binding_policy": "none",
     "OMPI_MCA_mpi_yield_when_idle": "1",
+    "OMPI_MCA_oob_tcp_keepalive_time": "5",
+    "OMPI_MCA_oob_tcp_keepalive_intvl": "2",
+    "OMPI_MCA_oob_tcp_keepalive_probes": "3",
 }
-"""OpenMPI settings for every local launch: root allowed, oversubscription, no binding, yield."""
+"""OpenMPI settings for every local launch: root allowed, oversubscription, no binding, yield,
+a lost daemon noticed within seconds."""
 
 
 def mpi_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:

@@ -274,7 +274,8 @@ class NamespaceHosts:
         -x forwards FORWARD_ENV and the OMPI_* names set in `env`, the environment mpirun will
         have (default: this process's); the agent's children inherit it anyway, a real remote
         host would not. plm rsh: not Slurm's launcher even inside an allocation. No tree spawn:
-        mpirun starts every orted itself, not orteds from inside other hosts."""
+        mpirun starts every orted itself, not orteds from inside other hosts. Launch mpirun
+        with hvdllm.launch.env's settings: their keepalive makes a lost host end the launch."""
         env = os.environ if env is None else env
         names = [n for n in FORWARD_ENV if n in env]
         names += sorted(n for n in env if n.startswith("OMPI_"))

@@ -222,13 +222,23 @@ def _watchdog(rank: int, stage: int, replica: int, timeout_s: float) -> Watchdog
     return Watchdog(timeout_s, f"stage {stage} of replica {replica} (rank {rank})", abort_world)
 
 
+ABORT_GRACE_S = 20
+"""How long MPI_Abort may take before the kernel ends this process (SIGALRM)."""
+
+
 def abort_world(code: int = 1) -> None:
-    """End every rank now (a failing rank must not leave the others waiting in a collective)."""
+    """End every rank now (a failing rank must not leave the others waiting in a collective).
+
+    MPI_Abort asks the launcher to end every rank; with a host unreachable (a cut link) that
+    request can itself hang. An alarm bounds it: SIGALRM's default action ends the process
+    (exit by signal 14) even if the abort never returns and holds the interpreter."""
+    import signal
     import sys
 
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+            signal.alarm(ABORT_GRACE_S)  # no handler is installed for SIGALRM: it terminates
             MPI.COMM_WORLD.Abort(code)
     os._exit(code)  # Gloo / single process: horovodrun ends the other ranks when one exits

@@ -16,6 +16,9 @@ class Config:
     """Run the torch DDP peer (hvdllm.bench.ddp_peer) instead of hvdllm train."""
     baseline: str = ""
     """Name of the row this one's ratio is taken against."""
+    timed: tuple[int, int] | None = None
+    """Steps (numbered from 1) whose wall-clock times make this row's step time; None: every
+    step after the warm-up but the last."""
 
 
 def pipeline_rows(quick: bool, dtype: str, baseline: str) -> list[Config]:
@@ -30,7 +33,16 @@ def pipeline_rows(quick: bool, dtype: str, baseline: str) -> list[Config]:
     return rows
 
 
-def configurations(ranks: int, quick: bool, dtype: str) -> list[Config]:
+def profiled_row(dtype: str, warmup: int, baseline: str) -> Config:
+    """training.profile as a user runs it: three profiled steps after the warm-up, of which the
+    first two are timed (the third's wall time includes writing the trace)."""
+    first = warmup + 1
+    return Config(f"1 rank {dtype} profiled", 1,
+                  ["training.profile=true", f"training.profile_start_step={first}",
+                   "training.profile_steps=3"], baseline=baseline, timed=(first, first + 1))
+
+
+def configurations(ranks: int, quick: bool, dtype: str, warmup: int) -> list[Config]:
     """The rows: both precisions on one rank; then, at the job's precision, Horovod and the DDP
     peer on `ranks` ranks and 2-stage pipelines, each with the row it is compared against."""
     one = f"1 rank {dtype}"
@@ -43,7 +55,5 @@ def configurations(ranks: int, quick: bool, dtype: str) -> list[Config]:
             Config(f"{dp} ZeRO-1", ranks, ["parallel.zero=1"], baseline=dp),
             Config(f"1 rank {dtype} activation checkpointing", 1,
                    ["training.activation_checkpointing=blocks"], baseline=one),
-            # torch.profiler on every step of the launch (the bench sets profile_steps): its cost.
-            Config(f"1 rank {dtype} profiled", 1,
-                   ["training.profile=true", "training.profile_start_step=1"], baseline=one),
+            profiled_row(dtype, warmup, one),
             *pipeline_rows(quick, dtype, one)]

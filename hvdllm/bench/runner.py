@@ -33,8 +33,7 @@ def launch(cfg: Config, job_path: str, sets: list[str], run_dir: Path, steps: in
     all_sets = [*sets, *cfg.sets, f"run.dir={run_dir}", f"training.steps={steps}",
                 "training.log_every=1", "training.eval_every=0", "training.eval_batches=1",
                 "training.checkpoint_every=0", f"training.threads={threads}",
-                # A profiled row profiles every step; the chart is drawn after the last (untimed).
-                f"training.profile_steps={steps}", f"training.pipeline_chart_every={steps}"]
+                f"training.pipeline_chart_every={steps}"]  # drawn after the last step (untimed)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.peer:
         cmd = module_command("hvdllm.bench.ddp_peer", job_path, str(run_dir / "ddp.json"),
@@ -75,7 +74,12 @@ def framework_overhead(rows: list[dict]) -> float:
 
 def record(result: dict, cfg: Config, run_dir: Path, elapsed: list[float], warmup: int) -> None:
     """Add one launch's step time (and for hvdllm train: run info, bubble, overhead) to `result`."""
-    result["step_s"].append(timed_step_s(elapsed, warmup))
+    if cfg.timed:  # step n's wall time: elapsed[n - 1] - elapsed[n - 2]
+        first, last = cfg.timed
+        result["step_s"].append(statistics.median(
+            elapsed[n - 1] - elapsed[n - 2] for n in range(first, last + 1)))
+    else:
+        result["step_s"].append(timed_step_s(elapsed, warmup))
     if cfg.peer:
         result["peak_bytes"].append(json.loads((run_dir / "ddp.json").read_text())["peak_bytes"])
         return
@@ -111,7 +115,7 @@ def bench(job_path: str, sets: list[str], out: Path, ranks: int = 2, quick: bool
     out.mkdir(parents=True, exist_ok=True)
     prepare(job)  # once, before any launch; every launch reads these tokens
     sets = [*sets, f"data.dir={job.data_dir.resolve()}"]
-    configs = configurations(ranks, quick, job.precision.dtype)
+    configs = configurations(ranks, quick, job.precision.dtype, warmup)
     results: dict[str, dict] = {c.name: {"step_s": [], "bubble": [], "overhead": [], "peak_bytes": []}
                                 for c in configs}
     start = time.time()

@@ -137,7 +137,9 @@ class TrainingConfig:
     """First profiled step (numbered from 1, like the logs; the first steps are warm-up). Also the
     first step of parallel.horovod_timeline."""
     profile_steps: int = 2
-    """How many steps training.profile and parallel.horovod_timeline record."""
+    """How many steps training.profile and parallel.horovod_timeline record. The profiler holds
+    every event in host memory until it writes the trace (about 1 GB a step for the quickstart
+    job on CPU): profile a few steps, not a run."""
     pipeline_chart_every: int = 0
     """Draw one step's spans on every rank (forward, backward, waits for messages, gradient sync,
     optimizer) as a Gantt chart, run_dir/pipeline/step{N}.png and TensorBoard's images, every this

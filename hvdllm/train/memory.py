@@ -126,18 +126,20 @@ def measured_peak(device: torch.device) -> int:
     """CUDA's max allocated bytes on a GPU; on the CPU the process's peak resident memory."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _process_status_bytes("VmHWM")
 
 
 def measured_now(device: torch.device) -> int:
     """What the rank holds now: CUDA's allocated bytes, or the process's resident memory."""
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
+    return _process_status_bytes("VmRSS")
+
+
+def _process_status_bytes(field: str) -> int:
+    """A kB field of /proc/self/status (VmHWM: peak resident, VmRSS: resident now), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 

@@ -69,7 +69,14 @@ def unusable_reason() -> str:
     if os.geteuid() != 0:
         return "namespace hosts need root"
     missing = missing_tools()
-    return f"namespace hosts need {', '.join(missing)} (not found)" if missing else ""
+    if missing:
+        return f"namespace hosts need {', '.join(missing)} (not found)"
+    # Root in a container may still lack the capability: try one throw-away network namespace.
+    probe = run_cmd(["unshare", "--net", "true"], check=False)
+    if probe.returncode:
+        why = probe.stderr.strip() or "unshare --net failed"
+        return f"cannot make network namespaces here: {why}"
+    return ""
 
 
 def cleanup_leftovers(prefix: str = "hvd", force: bool = False) -> list[str]:

@@ -38,14 +38,30 @@ def shard_kind(name: str) -> str:
     return name.split("_stage", 1)[0] if "_stage" in name else name.removesuffix(".pt")
 
 
+class _HashingWriter:
+    """A file that hashes and counts what is written through it: torch.save streams into the
+    shard's file, so no copy of the shard is held in memory (a BytesIO and its getvalue() held
+    two, i.e. twice the optimizer state, at every checkpoint)."""
+
+    def __init__(self, file) -> None:
+        self.file, self.sha256, self.bytes = file, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def write_shard(directory: Path, name: str, obj: Any) -> dict:
     """Save obj as directory/name; returns its meta entry (bytes, sha256, names held)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getvalue()
-    (directory / name).write_bytes(data)
+    with open(directory / name, "wb") as f:
+        out = _HashingWriter(f)
+        torch.save(obj, out)
     names = sorted(obj) if isinstance(obj, dict) and name != TRAIN_SHARD else []
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "names": names}
+    return {"bytes": out.bytes, "sha256": out.sha256.hexdigest(), "names": names}
 
 
 def read_shard(ckpt: Path, name: str, entry: dict | None) -> Any:

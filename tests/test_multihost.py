@@ -171,10 +171,13 @@ def start_in_host(host, cmd: list, log) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=env(), start_new_session=True)
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
+def wait_for(condition, timeout_s: float, what: str, log=None) -> None:
+    """Poll `condition` until it holds; past `timeout_s` fail, with the launch's log tail."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"gave up after {timeout_s:.0f} s waiting for {what}"
+        if time.monotonic() >= deadline:
+            tail = Path(log.name).read_text()[-4000:] if log else ""
+            raise AssertionError(f"gave up after {timeout_s:.0f} s waiting for {what}\n{tail}")
         time.sleep(0.2)
 
 
@@ -206,11 +209,11 @@ def test_cut_link_ends_every_rank_with_what_it_waited_for(two_hosts, tiny_args, 
         job = start_in_host(hosts[0], train_across(hosts, agent, tiny_args, "cut",
                                                    "training.steps=100000"), log)
         try:
-            wait_for(lambda: logged_steps(run_dir) >= 5, 120, "five steps")
+            wait_for(lambda: logged_steps(run_dir) >= 5, 120, "five steps", log)
             run(["ip", "link", "set", hosts[1].peer, "down"])
             cut = time.monotonic()
             wait_for(lambda: not launch_pids(hosts), PEER_TIMEOUT_S + 30,
-                     "every rank, mpirun and its daemons to end")
+                     "every rank, mpirun and its daemons to end", log)
             assert job.wait(timeout=max(1, cut + PEER_TIMEOUT_S + 30 - time.monotonic())) != 0
         finally:
             if job.poll() is None:
@@ -232,12 +235,12 @@ def test_dead_host_ends_the_job_and_resume_continues(two_hosts, tiny_args, tmp_p
     with open(tmp_path / "dead.log", "w") as log:
         job = start_in_host(hosts[0], train_across(hosts, agent, tiny_args, "dead", *sets), log)
         try:
-            wait_for(lambda: logged_steps(run_dir) >= 25, 120, "25 steps")
+            wait_for(lambda: logged_steps(run_dir) >= 25, 120, "25 steps", log)
             for pid in hosts[1].pids():  # its rank (orted is not a rank: it reports the death)
                 if b"hvdllm" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
             wait_for(lambda: not launch_pids(hosts) and job.poll() is not None, 30,
-                     "the job to end everywhere")
+                     "the job to end everywhere", log)
             assert job.returncode != 0
         finally:
             if job.poll() is None:

@@ -10,8 +10,11 @@ setting is the environment form of an `mpirun` flag (docs/launching.md):
   otherwise spin on the core the other rank needs for compute (~30 % slower with 2 ranks).
 - keepalive on mpirun's control connections (`--mca oob_tcp_keepalive_*`, set here in the
   environment, which mpirun also hands its daemons: the command-line form did not end a launch
-  in the cut-link test): an idle connection is probed every 2 s and a daemon that misses 3
-  probes is dropped, so a lost host ends the launch in seconds with OpenMPI's message naming it.
+  in the cut-link test): an idle connection is probed every second after 2 s idle and a daemon
+  that misses 3 probes is dropped, so a lost host ends the launch within about 5 s with OpenMPI's
+  message naming it. It must notice before any rank's abort queues a message to the lost host:
+  keepalives stop while data is unacknowledged, and mpirun then waits for TCP's retransmission
+  timeout (seen in the test with 5 s / 2 s / 3 probes against a 10 s peer timeout).
   With the defaults (300 s idle, then 9 x 20 s) mpirun and the far host's daemon wait on each
   other for minutes after a cut link, while no rank is left (tests/test_multihost.py). Harmless
   on one machine, where there are no remote daemons.
@@ -33,8 +36,8 @@ LOCAL_MPI_ENV: dict[str, str] = {
     "OMPI_MCA_rmaps_base_oversubscribe": "1",
     "OMPI_MCA_hwloc_base_binding_policy": "none",
     "OMPI_MCA_mpi_yield_when_idle": "1",
-    "OMPI_MCA_oob_tcp_keepalive_time": "5",
-    "OMPI_MCA_oob_tcp_keepalive_intvl": "2",
+    "OMPI_MCA_oob_tcp_keepalive_time": "2",
+    "OMPI_MCA_oob_tcp_keepalive_intvl": "1",
     "OMPI_MCA_oob_tcp_keepalive_probes": "3",
 }
 """OpenMPI settings for every local launch: root allowed, oversubscription, no binding, yield,

@@ -148,7 +148,10 @@ def test_killed_rank_ends_the_job(tiny_args, tmp_path):
     killed = time.monotonic()
     proc.communicate(timeout=60)
     assert proc.returncode != 0 and time.monotonic() - killed < 30
-    assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks)
+    # mpirun SIGKILLs the survivor and exits without waiting for it: on a busy machine the
+    # killed rank is still tearing down (state R, ppid 1, empty cmdline) for ~1.5 s after.
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not [r for r in alive if r.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_stuck_receive_times_out_with_its_place(tiny_args, tmp_path):

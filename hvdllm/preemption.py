@@ -34,3 +34,12 @@ class StopRequest:
 
     def _handle(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
+
+    def honoured(self) -> None:
+        """The stop is done (checkpoint written): ignore the launch script's repeats from now on.
+
+        The interpreter's exit puts the default action back for signals with a Python handler,
+        and a repeat (every 5 s until the ranks are gone) would kill the rank while it exits
+        (status 138 instead of 75). SIG_IGN is left as it is."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)

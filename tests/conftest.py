@@ -28,6 +28,7 @@ GROUP_OF_MODULE = {
     "test_data_parallel": "mpi", "test_pipeline": "mpi", "test_install": "mpi",
     "test_slurm": "slurm", "test_slurm_prepare": "slurm", "test_bench": "bench",
     "test_data_sources": "data", "test_data_scale": "data", "test_multihost": "multihost",
+    "test_slurm_nodes": "multihost",
 }
 """The group of a test that carries no group marker itself; a module not listed here is `mpi`
 (the slow side, so that a new module never slips into `pytest -m unit` unnoticed)."""

@@ -1,4 +1,9 @@
-"""A real one-node Slurm cluster for the tests: munged, slurmctld and slurmd, run as root.
+"""A real Slurm cluster for the tests: munged, slurmctld and slurmd, run as root.
+
+One node by default: this machine is both controller and compute node. Given namespace hosts
+(hvdllm.launch.hosts), one slurmd runs inside each of them instead, a node named after the
+host's hostname at its address, while munged and slurmctld stay in this namespace and listen on
+the hosts' bridge: a cluster of several nodes on one machine (docs/slurm.md).
 
 Everything lives in one temporary folder: its own munge key and socket, slurm.conf, state, spool
 and logs, on free ports, so it neither needs nor touches a system Slurm or munge. The host is both
@@ -21,7 +26,7 @@ CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo", "shellche
 
 SLURM_CONF = """\
 ClusterName=hvdllmtest
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({ctld_address})
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
@@ -31,11 +36,17 @@ CredType=cred/munge
 # cred_expire is also how long a requeued job waits before it may start again (default 120 s).
 AuthInfo=socket={root}/munge/munge.socket,cred_expire=5
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+# %n: the node's name, so that the slurmds of several nodes on one machine keep apart.
+SlurmdSpoolDir={root}/spool/%n
+# The PMIx plugin's per-step folders (spmix_appdir_UID_JOB.STEP) go to TmpFS: one per node (two
+# nodes' stepds would make the same folder), and in this cluster's folder, not /tmp: every test
+# cluster numbers its jobs from 1, and a folder a killed step left behind in /tmp would make the
+# same step number of a later cluster fail to launch (srun then exits 0 anyway).
+TmpFS={root}/tmp/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -52,16 +63,10 @@ SlurmdParameters=config_overrides
 JobRequeue=1
 KillWait=10
 MinJobAge=600
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
-MPI_CONF = """\
-# The PMIx plugin's per-step folders (spmix_appdir_UID_JOB.STEP) inside this cluster's folder, not
-# /tmp: every test cluster numbers its jobs from 1, and a folder a killed step left behind in /tmp
-# would make the same step number of a later cluster fail to launch (srun then exits 0 anyway).
-PMIxCliTmpDirBase={root}/pmix
-"""
 
 
 def missing_tools() -> list[str]:
@@ -79,13 +84,20 @@ def _tool(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
-class SlurmCluster:
-    """Start with `start()`, always `stop()` (it is safe to call after a failed start)."""
+NODE = "NodeName={name} NodeAddr={address} CPUs={cpus} RealMemory=1000 State=UNKNOWN"
 
-    def __init__(self, root: Path, cpus: int = 16) -> None:
+
+class SlurmCluster:
+    """Start with `start()`, always `stop()` (it is safe to call after a failed start).
+
+    `hosts`: namespace hosts (NamespaceHosts, made by the caller) to be the compute nodes."""
+
+    def __init__(self, root: Path, cpus: int = 16, hosts=None) -> None:
         self.root = root
         self.host = socket.gethostname().split(".")[0]
         self.cpus = cpus
+        self.hosts = hosts
+        self.nodes = [(h.name, h.address) for h in hosts] if hosts else [(self.host, "127.0.0.1")]
         self.conf = root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
         self._logs: list = []
@@ -97,34 +109,40 @@ class SlurmCluster:
         return env
 
     def start(self, timeout: float = 60) -> None:
-        for sub in ("munge", "state", "spool", "log", "pmix"):
+        for sub in ("munge", "state", "spool", "log", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "munge").chmod(0o755)  # munged wants its socket directory searchable
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(128))
         key.chmod(0o600)
-        self.conf.write_text(SLURM_CONF.format(host=self.host, root=self.root, cpus=self.cpus,
-                                               ctld_port=free_port(), slurmd_port=free_port()))
-        (self.root / "mpi.conf").write_text(MPI_CONF.format(root=self.root))  # beside slurm.conf
+        nodes = "\n".join(NODE.format(name=n, address=a, cpus=self.cpus) for n, a in self.nodes)
+        self.conf.write_text(SLURM_CONF.format(
+            host=self.host, root=self.root, nodes=nodes, ctld_port=free_port(),
+            ctld_address=self.hosts.bridge_address if self.hosts else "127.0.0.1",
+            slurmd_port=free_port()))
         m = self.root / "munge"
         self._spawn([_tool("munged"), "-F", "-f", f"--socket={m}/munge.socket", f"--key-file={key}",
                      f"--pid-file={m}/munged.pid", f"--seed-file={m}/seed",
                      f"--log-file={self.root}/log/munged.log"])
         self._wait_for(lambda: (m / "munge.socket").exists(), timeout, "munged socket")
         self._spawn([_tool("slurmctld"), "-D", "-i", "-f", self.conf])
-        self._spawn([_tool("slurmd"), "-D", "-f", self.conf])
-        self._wait_for(self._node_idle, timeout, "node idle in sinfo")
+        for i, (name, _) in enumerate(self.nodes):  # the folders of SlurmdSpoolDir and TmpFS
+            (self.root / "spool" / name).mkdir()
+            (self.root / "tmp" / name).mkdir()
+            slurmd = [_tool("slurmd"), "-D", "-N", name, "-f", self.conf]
+            self._spawn(self.hosts[i].command(*slurmd) if self.hosts else slurmd, f"slurmd-{name}")
+        self._wait_for(self._nodes_idle, timeout, "every node idle in sinfo")
 
-    def _spawn(self, cmd: list) -> None:
-        log = open(self.root / "log" / f"{Path(str(cmd[0])).name}.stdout", "w")
+    def _spawn(self, cmd: list, name: str = "") -> None:
+        log = open(self.root / "log" / f"{name or Path(str(cmd[0])).name}.stdout", "w")
         self._logs.append(log)
         self.procs.append(subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
                                            env=self.env(), start_new_session=True))
 
-    def _node_idle(self) -> bool:
-        p = subprocess.run(["sinfo", "--noheader", "--format=%t"], capture_output=True, text=True,
-                           env=self.env(), timeout=10)
-        return p.returncode == 0 and p.stdout.strip() == "idle"
+    def _nodes_idle(self) -> bool:
+        p = subprocess.run(["sinfo", "--Node", "--noheader", "--format=%t"], capture_output=True,
+                           text=True, env=self.env(), timeout=10)
+        return p.returncode == 0 and p.stdout.split() == ["idle"] * len(self.nodes)
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

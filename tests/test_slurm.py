@@ -237,26 +237,31 @@ class Job:
     """One rendered script submitted with `sbatch --wait`, optionally signalled while it runs.
 
     when: "" (never), "early" (as soon as the batch shell runs) or "mid" (after 10 logged steps);
-    then `scancel *how JOBID`.
+    then `scancel *how JOBID`. `sets`: more overrides; `layout`: `hvdllm slurm`'s flags (nodes,
+    tasks_per_node); `env`: sbatch's environment (default job_env).
     """
 
     def __init__(self, cluster: SlurmCluster, base: Path, name: str, launcher: str, data: Path,
-                 when: str = "", how: tuple[str, ...] = ()) -> None:
+                 when: str = "", how: tuple[str, ...] = (), *, steps: int = STEPS,
+                 sets: tuple[str, ...] = (), layout: dict | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.cluster, self.launcher, self.when, self.how = cluster, launcher, when, how
+        self.env = env or job_env(cluster)
         self.name = f"{name} $(touch PWNED); '%j'"  # quoting is exercised by every real job
         self.run_dir = base / f"{name} \"$(touch PWNED)\" 100%j"
         self.sets = [f"data.dir={data}", f"run.dir={self.run_dir}", f"run.name={self.name}",
-                     f"training.steps={STEPS}", "training.log_every=1"]
+                     f"training.steps={steps}", "training.log_every=1", *sets]
         self.run_dir.mkdir(parents=True)  # as `hvdllm slurm` does: Slurm writes its logs there
         self.script = base / f"{name}.sbatch"
-        self.script.write_text(render(job_with(*self.sets, tasks_per_node=2, launcher=launcher),
-                                      TINY, self.sets, workdir=base))
+        flags = {"tasks_per_node": 2, **(layout or {}), "launcher": launcher}
+        self.script.write_text(render(job_with(*self.sets, **flags), TINY, self.sets,
+                                      workdir=base))
         self.returncode, self.output, self.job_id, self.error = None, "", "", ""
 
     def run(self, timeout: float = 420) -> None:
         try:
             p = subprocess.Popen(["sbatch", "--wait", str(self.script)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, env=job_env(self.cluster))
+                                 stderr=subprocess.STDOUT, text=True, env=self.env)
             if self.when:
                 self._signal(p, time.monotonic() + timeout)
             self.output = p.communicate(timeout=timeout)[0]
@@ -275,7 +280,7 @@ class Job:
                 metrics.exists() and len(metrics.read_text().splitlines()) >= 10
             if ready:
                 job_id = outs[0].name.split("-")[1].split(".")[0]
-                subprocess.run(["scancel", *self.how, job_id], env=job_env(self.cluster), check=True)
+                subprocess.run(["scancel", *self.how, job_id], env=self.env, check=True)
                 return
             time.sleep(0.1)
 
@@ -298,17 +303,21 @@ def jobs(cluster, tiny_data, tmp_path_factory) -> dict[str, Job]:
                   "preempt-horovodrun": ("horovodrun", "mid", warn),
                   "steps-term-srun": ("srun", "mid", ("--signal=TERM",)),  # the tasks, not the shell
                   "cancel-srun": ("srun", "mid", ())})
-    all_jobs = {name: Job(cluster, base, name, launcher, tiny_data, when, how)
-                for name, (launcher, when, how) in specs.items()}
-    threads = [threading.Thread(target=job.run) for job in all_jobs.values()]
+    return run_all(base, {name: Job(cluster, base, name, launcher, tiny_data, when, how)
+                          for name, (launcher, when, how) in specs.items()})
+
+
+def run_all(base: Path, jobs: dict[str, Job]) -> dict[str, Job]:
+    """Submit the jobs (made in `base`) at once and wait for all of them."""
+    threads = [threading.Thread(target=job.run) for job in jobs.values()]
     start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    print(f"slurm jobs: {time.monotonic() - start:.0f} s for {len(all_jobs)} concurrent jobs")
+    print(f"slurm jobs: {time.monotonic() - start:.0f} s for {len(jobs)} concurrent jobs")
     assert not list(base.rglob("PWNED")), "a rendered value was executed"
-    return all_jobs
+    return jobs
 
 
 def world_sizes(err: str) -> list[int]:

@@ -156,5 +156,6 @@ def run_steps(t: Trainer, writer: MetricsWriter | None, tracer: Tracer | None,
         if signalled or due(done, every.checkpoint_every, every.steps):
             save_checkpoint(t, done)
         if signalled:
+            stop.honoured()
             raise Preempted(done, signalled)
     return last

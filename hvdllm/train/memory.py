@@ -19,8 +19,7 @@
 
 from __future__ import annotations
 
-
-import contextlib
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -284,7 +283,8 @@ def rank_memory(t) -> dict:
                      copies, in_flight(job.parallel.schedule, topo.stages, topo.stage,
                                        layout.micro_batches),
                      transient, fixed_bytes(t.device.type, topo.rank == 0)).as_dict()
-    mine.update(rank=topo.rank, activations_estimated_per_micro_batch=estimated,
+    mine.update(rank=topo.rank, host=socket.gethostname(),  # which node: for reading peaks
+                activations_estimated_per_micro_batch=estimated,
                 startup_peak=measured_peak(t.device))
     return {"ranks": hvd.allgather_object(mine, name="memory_startup")}
 

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="instead: per-rank peak memory (measured "
                    "and predicted) and step time of 1, 2 and 4 stages, ZeRO-1 against data "
                    "parallelism, activation checkpointing on and off")
+    p.add_argument("--hosts", type=int, default=0, metavar="N", help="instead: data parallelism "
+                   "on N namespace hosts x 1 rank over shaped links, against one host (as root)")
+    p.add_argument("--links", default="10gbit,1gbit,200mbit",
+                   help="with --hosts: the link speeds, comma-separated tc rates")
+    p.add_argument("--tcp-tuned", action="store_true",
+                   help="with --hosts: tcp_slow_start_after_idle = 0 in the hosts")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
     p.add_argument("source", help="run directory (latest checkpoint) or checkpoint directory")
     p.add_argument("out_dir", help="output folder for from_pretrained")
@@ -106,6 +112,12 @@ def run(args: argparse.Namespace) -> None:
 
         print(data_markdown(data_bench(args.job, args.overrides, Path(args.out), args.quick,
                                        args.repeats)), end="")
+    elif args.command == "bench" and args.hosts:
+        from hvdllm.bench.network import network_bench, network_markdown
+
+        print(network_markdown(network_bench(
+            args.job, args.overrides, Path(args.out), args.hosts, args.links.split(","),
+            args.quick, args.repeats, args.steps, tuned=args.tcp_tuned)), end="")
     elif args.command == "bench" and args.memory:
         from hvdllm.bench.memory_rows import memory_bench, memory_markdown
 

@@ -251,3 +251,41 @@ def test_dead_host_ends_the_job_and_resume_continues(two_hosts, tiny_args, tmp_p
         timeout=LAUNCH_TIMEOUT_S)
     steps = sorted(train_losses(run_dir))
     assert steps == list(range(1, 1501))  # the resumed run replaced what came after `saved`
+
+
+def test_host_sysctls_stay_inside_the_hosts():
+    key = "net.ipv4.tcp_slow_start_after_idle"
+    mine = run(["sysctl", "-n", key]).stdout.strip()
+    with namespace_hosts(1, prefix=PREFIX, sysctls={key: str(1 - int(mine))}) as hosts:
+        assert run(hosts[0].command("sysctl", "-n", key)).stdout.strip() == str(1 - int(mine))
+    assert run(["sysctl", "-n", key]).stdout.strip() == mine
+
+
+def test_network_bench_has_every_place_and_row(tiny_data, tmp_path):
+    """`hvdllm bench --hosts 2`: one host's rows and a link's rows from real launches in one run
+    (their speed is the bench's to report, not a test's to assert); the bytes and their cost at
+    the link's rate follow from the gradients' payload."""
+    out = tmp_path / "bench"
+    cleanup_leftovers("hvdb")  # the bench's own prefix: what a killed bench left behind
+    try:
+        run(hvdllm("bench", TINY, "--set", f"data.dir={tiny_data}", "--hosts", "2", "--links",
+                   "100mbit", "--tcp-tuned", "--quick", "--steps", "2", "--out", out),
+            timeout=LAUNCH_TIMEOUT_S)
+        assert not cleanup_leftovers("hvdb")  # the bench removed its hosts itself
+    finally:
+        cleanup_leftovers("hvdb")
+    s = json.loads((out / "bench-network.json").read_text())
+    rows = {(r["place"], r["name"]): r for r in s["rows"]}
+    kinds = ("2 ranks Horovod", "2 ranks Horovod fp16 compression", "2 ranks Horovod Gloo",
+             "2 ranks torch DDP")
+    assert rows.keys() == {("one host", "1 rank"), *((p, k) for p in ("one host", "100mbit")
+                                                     for k in kinds)}
+    plain, fp16 = rows[("100mbit", kinds[0])], rows[("100mbit", kinds[1])]
+    info = json.loads((out / "runs" / "one_host-2_ranks_Horovod-0" / "run_info.json").read_text())
+    assert plain["sent_bytes_per_rank"] == info["allreduce_payload_bytes_rank0"]  # 2 (N-1)/N = 1
+    assert fp16["sent_bytes_per_rank"] == plain["sent_bytes_per_rank"] / 2
+    gloo = json.loads((out / "runs" / "100mbit-2_ranks_Horovod_Gloo-0" / "run_info.json")
+                      .read_text())
+    assert gloo["world"] == 2  # horovodrun --gloo across the hosts, not two worlds of one
+    assert plain["link_theory_ms"] == pytest.approx(plain["sent_bytes_per_rank"] * 8 / 1e8 * 1e3)
+    assert s["tcp_tuned"] and "| 100mbit | 2 ranks torch DDP |" in (out / "bench-network.md").read_text()

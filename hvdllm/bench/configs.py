@@ -19,6 +19,9 @@ class Config:
     timed: tuple[int, int] | None = None
     """Steps (numbered from 1) whose wall-clock times make this row's step time; None: every
     step after the warm-up but the last."""
+    controller: str = "mpi"
+    """Horovod's controller: "mpi" (the ranks started by mpirun) or "gloo" (by horovodrun
+    --gloo; only the network rows use it)."""
 
 
 def pipeline_rows(quick: bool, dtype: str, baseline: str) -> list[Config]:

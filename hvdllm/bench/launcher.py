@@ -32,19 +32,24 @@ def set_args(settings: list[str]) -> list[str]:
 
 def run_ranks(ranks: int, cmd: list[str], what: str,
               timeout_s: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`mpirun -np RANKS CMD`; a failure or a hang raises RuntimeError naming `what`.
+    """`mpirun -np RANKS CMD` on this machine; a failure or a hang raises RuntimeError naming `what`.
 
     Each launch gets a fresh MASTER_PORT for the DDP peer's rendezvous (a reused one hung the
     next launch); the Horovod launches ignore it.
     """
-    full = ["mpirun", "-np", str(ranks), *cmd]
-    env = mpi_env(MASTER_PORT=str(free_port()))
+    return run_launch(["mpirun", "-np", str(ranks), *cmd], mpi_env(MASTER_PORT=str(free_port())),
+                      what, timeout_s)
+
+
+def run_launch(full: list[str], env: dict[str, str], what: str,
+               timeout_s: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run one launch command (mpirun and its arguments, or that wrapped to start elsewhere)."""
     proc = subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank it started
+        os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank it started here
         proc.communicate()
         raise RuntimeError(f"bench launch hung for {timeout_s:.0f} s ({what}): "
                            f"{shlex.join(full)}") from None

@@ -15,6 +15,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hvdllm.bench.cases import case_studies
@@ -28,8 +29,10 @@ from hvdllm.log import logger
 
 
 def launch(cfg: Config, job_path: str, sets: list[str], run_dir: Path, steps: int,
-           threads: int) -> list[float]:
-    """One launch; returns the wall-clock seconds after each completed step."""
+           threads: int, start: Callable = run_ranks) -> list[float]:
+    """One launch; returns the wall-clock seconds after each completed step.
+
+    `start(ranks, cmd, what)` starts the ranks: mpirun here (run_ranks) or on other hosts."""
     all_sets = [*sets, *cfg.sets, f"run.dir={run_dir}", f"training.steps={steps}",
                 "training.log_every=1", "training.eval_every=0", "training.eval_batches=1",
                 "training.checkpoint_every=0", f"training.threads={threads}",
@@ -40,7 +43,7 @@ def launch(cfg: Config, job_path: str, sets: list[str], run_dir: Path, steps: in
                              *set_args(all_sets))
     else:
         cmd = hvdllm_command("train", job_path, *set_args(all_sets))
-    run_ranks(cfg.ranks, cmd, cfg.name)
+    start(cfg.ranks, cmd, cfg.name)
     if cfg.peer:
         return json.loads((run_dir / "ddp.json").read_text())["elapsed_s"]
     return [r["elapsed_s"] for r in step_rows(run_dir)]

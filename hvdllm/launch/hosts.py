@@ -34,6 +34,8 @@ Why so:
   addresses; Horovod's Gloo process-set context falls back to the hostname (127.0.0.1 here).
 - Launch with hvdllm.launch.env's settings (oversubscribe, no binding, yield): all hosts share
   this machine's cores.
+- `sysctls` are set in every host (net.* settings are per namespace): the kernel's defaults
+  otherwise, as on an untuned node; the machine's own settings are never touched.
 
 Needs root, iproute2 (ip, tc), util-linux (nsenter, unshare, umount), sysctl, hostname.
 Standard library only, like all of hvdllm.launch.
@@ -121,8 +123,8 @@ class NamespaceHosts:
     A sequence of Host; `network` (127.77.N.0/24), `bridge`, `bridge_address`, `tag`."""
 
     def __init__(self, n: int, rate: str | int | None = None, delay_ms: float | None = None,
-                 prefix: str = "hvd", hostname: str = "hvdhost", network: str | None = None
-                 ) -> None:
+                 prefix: str = "hvd", hostname: str = "hvdhost", network: str | None = None,
+                 sysctls: Mapping[str, str] | None = None) -> None:
         if not 1 <= n <= 253:
             raise ValueError(f"1 to 253 hosts, not {n}")
         if not _PREFIX_RE.fullmatch(prefix):
@@ -131,6 +133,7 @@ class NamespaceHosts:
             rate_bits(rate)
         self.n, self.rate, self.delay_ms, self.hostname = n, rate, delay_ms, hostname
         self.prefix, self._network = prefix, network
+        self.sysctls = dict(sysctls or {})  # set in every host, e.g. TCP tuning (per namespace)
         self.tag = self.bridge = self._base = ""  # chosen by create(), under the lock
         self.dir: Path | None = None  # set once this instance owns its state folder
         self.hosts: list[Host] = []
@@ -203,7 +206,8 @@ class NamespaceHosts:
         run_cmd(["ip", "link", "set", h.peer, "master", self.bridge, "up"])
         run_cmd([*ipn, "link", "set", "lo", "up"])
         run_cmd(["nsenter", f"--net={NETNS_DIR / h.netns}", "sysctl", "-q", "-w",
-              "net.ipv4.conf.all.route_localnet=1", f"net.ipv4.conf.{h.ifname}.route_localnet=1"])
+              "net.ipv4.conf.all.route_localnet=1", f"net.ipv4.conf.{h.ifname}.route_localnet=1",
+              *(f"{k}={v}" for k, v in self.sysctls.items())])
         run_cmd([*ipn, "addr", "add", f"{h.address}/24", "dev", h.ifname])
         run_cmd([*ipn, "link", "set", h.ifname, "up"])
         h.uts.touch()

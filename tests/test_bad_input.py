@@ -106,6 +106,11 @@ CASES = {
     "export into a folder of other files": (
         lambda t, a, r: ((t / "busy").mkdir(), (t / "busy" / "notes.txt").write_text("mine"),
                          ["export", r, t / "busy"])[2], "is not empty and is not an earlier export"),
+    "bench over a link that is not a tc rate": (
+        lambda t, a, r: ["bench", TINY, "--hosts", "2", "--links", "fast", "--out", t / "b"],
+        "--links: not a tc rate: 'fast'"),
+    "bench over one host": (
+        lambda t, a, r: ["bench", TINY, "--hosts", "1", "--out", t / "b"], "at least 2 hosts"),
     "export into a checkpoint": (
         lambda t, a, r: ["export", r, ckpt(copy_run(r, t), 2) / "hf"], "inside a run's checkpoints/"),
 }

@@ -106,8 +106,11 @@ def network_bench(job_path: str, sets: list[str], out: Path, n: int, links: list
                   quick: bool = False, repeats: int = 0, steps: int = 0, warmup: int = 2,
                   tuned: bool = False) -> dict:
     """Every place's rows `repeats` times, alternating; bench-network.json and .md in out."""
-    for link in links:
-        rate_bits(link)  # a bad rate fails before any launch
+    for link in links:  # a bad rate fails before any launch, as one line
+        try:
+            rate_bits(link)
+        except ValueError as e:
+            raise UserError(f"--links: {e}") from None
     if n < 2:
         raise UserError(f"--hosts {n}: the network rows need at least 2 hosts")
     job = load_job(job_path, sets)

@@ -68,7 +68,6 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
-
 def missing_tools() -> list[str]:
     return [tool for tool in DAEMONS + CLIENTS if shutil.which(tool) is None
             and not Path("/usr/sbin", tool).exists()]

@@ -68,28 +68,27 @@ def local_start(cfg: Config):
     return start
 
 
-def hosts_start(hosts, cfg: Config):
+def hosts_start(hosts, cfg: Config, agent: Path, ssh_dir: Path):
     """A `start(ranks, cmd, what)` for runner.launch inside the first host, one rank per host:
     mpirun through the hosts' rsh agent (the DDP peer's rendezvous and gloo on the hosts'
-    interface), or horovodrun --gloo through their ssh stand-in."""
+    interface), or horovodrun --gloo through their ssh stand-in (`ssh_dir`, first on PATH)."""
     def start(ranks: int, cmd: list[str], what: str):
         if ranks != len(hosts):
             raise UserError(f"{what}: {ranks} ranks on {len(hosts)} hosts (one rank each)")
         env = mpi_env(MASTER_ADDR=hosts[0].address, MASTER_PORT=str(free_port()),
                       GLOO_SOCKET_IFNAME=hosts[0].ifname)
         if cfg.controller == "gloo":
-            env["PATH"] = f"{hosts.write_ssh(hosts.dir / 'ssh')}:{env['PATH']}"
-            full = hosts[0].command("env", f"PATH={env['PATH']}", *horovodrun(
+            env["PATH"] = f"{ssh_dir}:{env['PATH']}"  # nsenter keeps the environment
+            full = hosts[0].command(*horovodrun(
                 "-np", str(ranks), "-H", ",".join(f"{h.address}:1" for h in hosts),
                 "--network-interface", hosts[0].ifname, *cmd))
         else:
-            agent = hosts.write_agent(hosts.dir)
             full = hosts[0].command("mpirun", *hosts.mpirun_args(agent, env=env), *cmd)
         return run_launch(full, env, what)
     return start
 
 
-def run_place(link: str | None, n: int, tuned: bool, run, out: Path) -> None:
+def run_place(link: str | None, n: int, tuned: bool, run) -> None:
     """Run every row of one place once: `run(place, cfg, start)` for each; hosts made and
     removed here (a link), or none (one host)."""
     if link is None:
@@ -98,8 +97,9 @@ def run_place(link: str | None, n: int, tuned: bool, run, out: Path) -> None:
         return
     with namespace_hosts(n, rate=link, prefix="hvdb",
                          sysctls=TUNED_SYSCTLS if tuned else None) as hosts:
+        agent, ssh_dir = hosts.write_agent(hosts.dir), hosts.write_ssh(hosts.dir / "ssh")
         for cfg in network_rows(n):
-            run(link, cfg, hosts_start(hosts, cfg))
+            run(link, cfg, hosts_start(hosts, cfg, agent, ssh_dir))
 
 
 def network_bench(job_path: str, sets: list[str], out: Path, n: int, links: list[str],
@@ -134,7 +134,7 @@ def network_bench(job_path: str, sets: list[str], out: Path, n: int, links: list
     start = time.time()
     for _ in range(repeats):
         for link in [None, *links]:
-            run_place(link, n, tuned, run, out)
+            run_place(link, n, tuned, run)
     summary = {"job": job.run.name, "model": f"{job.model.family} {job.model.n_layer}x"
                f"{job.model.n_embd}", "dtype": job.precision.dtype, "hosts": n,
                "threads": threads, "tokens_per_step": job.training.global_batch_size

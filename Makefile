@@ -1,5 +1,5 @@
 # The two commands of the README: `make test` and `make demo`. Both set up first (idempotent).
-# `make test-unit`, `test-mpi`, `test-slurm`, `test-bench`, `test-multihost` run one group of
+# `make test-unit`, `test-mpi`, `test-slurm`, `test-bench`, `test-multihost`, `test-elastic` run one group of
 # tests (pytest -m).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +10,7 @@ PYTEST := $(PY) -m pytest tests
 # defined once, in hvdllm/launch/env.py, and passed as environment variables.
 MPIRUN := env $$($(PY) -m hvdllm.launch.env) mpirun -np $(RANKS)
 
-.PHONY: setup setup-slurm test test-unit test-mpi test-slurm test-bench test-multihost demo clean
+.PHONY: setup setup-slurm test test-unit test-mpi test-slurm test-bench test-multihost test-elastic demo clean
 setup:
 	@bash scripts/setup.sh
 
@@ -34,6 +34,9 @@ test-bench: setup
 
 test-multihost: setup setup-slurm
 	$(PYTEST) -m multihost
+
+test-elastic: setup
+	$(PYTEST) -m elastic
 
 demo: setup
 	$(VENV)/bin/hvdllm prepare jobs/quickstart.toml

@@ -28,12 +28,12 @@ GROUP_OF_MODULE = {
     "test_data_parallel": "mpi", "test_pipeline": "mpi", "test_install": "mpi",
     "test_slurm": "slurm", "test_slurm_prepare": "slurm", "test_bench": "bench",
     "test_data_sources": "data", "test_data_scale": "data", "test_multihost": "multihost",
-    "test_slurm_nodes": "multihost",
+    "test_slurm_nodes": "multihost", "test_elastic": "elastic",
 }
 """The group of a test that carries no group marker itself; a module not listed here is `mpi`
 (the slow side, so that a new module never slips into `pytest -m unit` unnoticed)."""
 
-TEST_TIMEOUT_S = {"mpi": 900, "bench": 900, "slurm": 1800, "multihost": 600, "elastic": 1800}
+TEST_TIMEOUT_S = {"mpi": 900, "bench": 900, "slurm": 1800, "multihost": 600, "elastic": 600}
 """Wall-clock bound of one test's body (fixtures excluded) by group; each launch has its own."""
 
 

@@ -32,6 +32,8 @@ EXAMPLES = {
         "--set slurm.cpus_per_task=16",
 }
 """slurm/NAME: the arguments of the `hvdllm slurm` command that renders it."""
+RECIPES = ("elastic.sbatch", "elastic-hosts.sh")
+"""slurm/NAME written by hand, not rendered: elastic training in an allocation (docs/elastic.md)."""
 DOCS_EXAMPLE = "jobs/gpt2-124m.toml --partition gpu --set slurm.cpus_per_task=12"
 """The arguments behind docs/slurm.md's rendered script."""
 

@@ -106,14 +106,15 @@ def test_tensorboard_and_metrics_agree(reference_run):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     for tag in ("train/loss", "train/lr", "train/tokens_per_s", "train/mfu", "train/grad_norm",
-                "train/loss_scale", "train/step_ms", "val/loss", "val/ppl"):
+                "train/loss_scale", "train/step_ms", "train/world_size", "val/loss", "val/ppl"):
         assert tag in tags, tags
     tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
     jsonl = train_losses(reference_run)
     assert sorted(tb_loss) == sorted(jsonl) == list(range(1, 21))
     assert all(tb_loss[s] == pytest.approx(jsonl[s], rel=1e-6) for s in jsonl)
     rows = read_metrics(reference_run)
-    assert {"step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "mfu", "step_ms"} <= rows[0].keys()
+    assert {"step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "mfu", "step_ms",
+            "world_size"} <= rows[0].keys()
     assert "val_loss" in rows[-1] and "val_ppl" in rows[-1]
     # The resolved job as a TensorBoard text summary, equal to the run's job.toml.
     assert "job/text_summary" in acc.Tags()["tensors"], acc.Tags()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, TINY, env, hvdllm, mpirun, run, train_losses
+from host_launch import launch_pids, logged_steps, start_in_host, wait_for
 from hvdllm.launch.hosts import (STATE_DIR, NamespaceHosts, cleanup_leftovers, namespace_hosts,
                                  unusable_reason)
 
@@ -163,32 +164,6 @@ def test_horovodrun_across_hosts_matches_one_host(controller, two_hosts, tiny_ar
 
 
 PEER_TIMEOUT_S = 10
-
-
-def start_in_host(host, cmd: list, log) -> subprocess.Popen:
-    """A launch started in `host` in its own session (so the test can end what it started here)."""
-    return subprocess.Popen([str(c) for c in host.command(*cmd)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env(), start_new_session=True)
-
-
-def wait_for(condition, timeout_s: float, what: str, log=None) -> None:
-    """Poll `condition` until it holds; past `timeout_s` fail, with the launch's log tail."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            tail = Path(log.name).read_text()[-4000:] if log else ""
-            raise AssertionError(f"gave up after {timeout_s:.0f} s waiting for {what}\n{tail}")
-        time.sleep(0.2)
-
-
-def logged_steps(run_dir) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
-
-
-def launch_pids(hosts) -> list[int]:
-    """Whatever still runs in the hosts: the launch's ranks, mpirun and its daemons."""
-    return [pid for h in hosts for pid in h.pids()]
 
 
 def train_across(hosts, agent, tiny_args, name: str, *sets: str, resume: bool = False) -> list:

@@ -11,11 +11,16 @@ run's. The jobs run at the same time (tests/test_slurm.py has the one-node cases
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import train_losses
+from conftest import BIN, ROOT, TINY, read_metrics, train_losses
+from host_launch import wait_for
 from hvdllm.launch.hosts import cleanup_leftovers, namespace_hosts, unusable_reason
 from hvdllm.launch.slurm import LAUNCHERS
 from slurm_cluster import SlurmCluster, missing_tools
@@ -99,3 +104,51 @@ def test_warning_signal_reaches_both_nodes_checkpoints_requeues_and_resumes(clus
     assert "stopped early (status 75); requeueing" in job.log("out"), job.describe()
     assert world_sizes(err) == [2, 2] and ranks_hosts(job) == [h.name for h in cluster.hosts]
     assert train_losses(job.run_dir) == train_losses(jobs["plain-mpirun"].run_dir)
+
+
+def training_workers(host) -> list[int]:
+    """The `hvdllm train` processes in a host (not its slurmd, not the shells around them)."""
+    pids = []
+    for pid in host.pids():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if any(a.endswith(b"/hvdllm") for a in argv[:2]) and b"train" in argv:
+            pids.append(pid)
+    return pids
+
+
+def test_elastic_recipe_goes_on_without_a_drained_node(cluster, tiny_data, tmp_path):
+    """slurm/elastic.sbatch on both nodes: the second is drained (slurm/elastic-hosts.sh stops
+    listing it) and its worker killed; the first finishes every step alone, the job COMPLETED."""
+    steps, run_dir = 300, tmp_path / "run"
+    env = job_env(cluster)
+    env.update(HVDLLM=str(BIN / "hvdllm"), HOROVODRUN=str(BIN / "horovodrun"), HVDLLM_JOB=str(TINY),
+               HVDLLM_NETWORK_INTERFACE="eth0")
+    env["PATH"] = f"{cluster.hosts.write_ssh(tmp_path / 'ssh')}:{env['PATH']}"
+    sets = [a for s in (f"data.dir={tiny_data}", f"run.dir={run_dir}", f"training.steps={steps}",
+                        "training.log_every=1", "training.threads=1",
+                        "parallel.elastic_commit_every=5") for a in ("--set", s)]
+    job = subprocess.Popen(["sbatch", "--wait", f"--output={tmp_path}/out",
+                            ROOT / "slurm" / "elastic.sbatch", *sets], env=env, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, start_new_session=True)
+    node = cluster.hosts[1].name
+
+    def scontrol(*args: str) -> None:
+        subprocess.run(["scontrol", *args], env=cluster.env(), check=True, timeout=30)
+
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 20,
+                 180, "20 steps on both nodes")
+        scontrol("update", f"NodeName={node}", "State=DRAIN", "Reason=elastic-test")
+        for pid in training_workers(cluster.hosts[1]):
+            os.kill(pid, signal.SIGKILL)
+        assert job.wait(timeout=240) == 0, (tmp_path / "out").read_text()[-4000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        scontrol("update", f"NodeName={node}", "State=RESUME")
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
+    starts = [json.loads(line) for line in (run_dir / "elastic.jsonl").read_text().splitlines()]
+    assert [s["world_size"] for s in starts] == [2, 1], starts

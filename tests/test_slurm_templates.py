@@ -4,8 +4,10 @@ Fast: no Slurm, no MPI."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import hvdllm.launch.slurm as slurm
 from conftest import TINY
 from hvdllm.config import ConfigError, load_job
 from hvdllm.launch.slurm import COMMON, LAUNCHERS, TEMPLATES, parse_parts, placeholders, render
-from slurm_examples import CHECKOUT, DOCS_EXAMPLE, EXAMPLES, ROOT, SLURM_DIR, render_shown
+from slurm_examples import CHECKOUT, DOCS_EXAMPLE, EXAMPLES, RECIPES, ROOT, SLURM_DIR, render_shown
 
 REWRITE = "run `.venv/bin/python tests/slurm_examples.py`"
 
@@ -27,12 +29,22 @@ def test_examples_in_slurm_folder_equal_a_fresh_render(name):
         f"slurm/{name} is out of date: {REWRITE}")
 
 
-def test_slurm_folder_holds_the_readme_and_the_examples_only():
+def test_slurm_folder_holds_the_readme_the_examples_and_the_recipes_only():
     """No stale template copies: the templates live in the package (hvdllm/launch/templates)."""
-    assert {p.name for p in SLURM_DIR.iterdir()} == {"README.md", *EXAMPLES}
+    assert {p.name for p in SLURM_DIR.iterdir()} == {"README.md", *EXAMPLES, *RECIPES}
     readme = (SLURM_DIR / "README.md").read_text()
     for name, arguments in EXAMPLES.items():
         assert f"hvdllm slurm {arguments} -o slurm/{name}" in readme, name
+    for name in RECIPES:
+        assert f"`{name}`" in readme, name
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck missing")
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_pass_shellcheck(name):
+    path = SLURM_DIR / name
+    assert os.access(path, os.X_OK) or name.endswith(".sbatch"), f"slurm/{name} is not executable"
+    subprocess.run(["shellcheck", "--shell=bash", str(path)], check=True)
 
 
 def test_docs_show_the_rendered_script():

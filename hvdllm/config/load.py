@@ -154,7 +154,7 @@ def validate(job: JobConfig) -> None:
                           ("training", "global_batch_size"), ("training", "log_every"),
                           ("data", "seq_len"), ("data", "vocab_size"), ("model", "n_layer"),
                           ("model", "n_embd"), ("model", "n_head"),
-                          ("parallel", "pipeline_stages")]:
+                          ("parallel", "pipeline_stages"), ("parallel", "elastic_commit_every")]:
         need(getattr(getattr(job, section), name) > 0, f"{section}.{name} must be > 0")
     for section, name in [("training", "eval_every"), ("training", "checkpoint_every"),
                           ("optim", "warmup_steps"), ("training", "threads"),

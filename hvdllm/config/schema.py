@@ -215,6 +215,10 @@ class ParallelConfig:
     peer_timeout_s: float = 300.0
     """Seconds a rank waits for another (a pipeline message, an all-reduce, a barrier) before it
     ends the job with a message saying what it waited for; 0 waits forever."""
+    elastic_commit_every: int = 10
+    """Under Horovod's elastic mode (horovodrun --min-np/--max-np/--host-discovery-script): commit
+    the training state to memory every this many steps; when a worker is lost the others roll back
+    to the last commit, so at most this many steps are trained again (docs/elastic.md)."""
 
 
 @dataclass

@@ -31,6 +31,11 @@ def compression_for(name: str) -> type:
     return {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[name]
 
 
+def predivide_factor(compression: str, replicas: int) -> float:
+    """fp16 sums are divided by the replicas before the all-reduce (AllReduceSync's docstring)."""
+    return float(replicas) if compression == "fp16" and replicas > 1 else 1.0
+
+
 class AllReduceSync:
     """Average gradients with Horovod's all-reduce, started by hooks during backward.
 
@@ -49,7 +54,6 @@ class AllReduceSync:
         self.compression, self.replicas = compression, replicas
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
-        predivide = float(replicas) if compression == "fp16" and replicas > 1 else 1.0
         # Horovod builds a new optimizer from the param groups: load state after wrapping.
         self.optimizer = hvd.DistributedOptimizer(
             optimizer,
@@ -57,9 +61,15 @@ class AllReduceSync:
             compression=compression_for(compression),
             backward_passes_per_step=backward_passes,
             op=hvd.Average,
-            gradient_predivide_factor=predivide,
+            gradient_predivide_factor=predivide_factor(compression, replicas),
             process_set=process_set,
         )
+
+    def reshape(self, backward_passes: int, replicas: int) -> None:
+        """A new world size (elastic mode): micro-batches per step and the fp16 pre-divide."""
+        self.replicas = replicas
+        self.optimizer.set_backward_passes_per_step(backward_passes)
+        self.optimizer.gradient_predivide_factor = predivide_factor(self.compression, replicas)
 
     def synchronize(self, tie: Callable[[], None] = lambda: None) -> None:
         """Wait for the all-reduces started during backward, then sum the tied copies."""

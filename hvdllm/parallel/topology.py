@@ -160,14 +160,7 @@ def init_distributed(layout_for: Callable[[int], Layout], peer_timeout_s: float 
     check_launch(os.environ, mpi_built=hvd.mpi_built(), gloo_built=hvd.gloo_built())
     if launched_with_gloo():
         hvd.init()
-        layout = layout_for(hvd.size())
-        if layout.stages > 1:
-            raise UserError("pipeline stages need MPI point-to-point messages: launch with mpirun, "
-                             "srun or horovodrun --mpi instead of horovodrun --gloo")
-        return Topology(layout=layout, rank=hvd.rank(), stage=0, replica=hvd.rank(),
-                        local_rank=hvd.local_rank(), local_size=hvd.local_size(),
-                        process_set=hvd.global_process_set,
-                        watchdog=_watchdog(hvd.rank(), 0, hvd.rank(), peer_timeout_s))
+        return gloo_topology(layout_for, _watchdog(hvd.rank(), 0, hvd.rank(), peer_timeout_s))
 
     from mpi4py import MPI  # initialises MPI with MPI_THREAD_MULTIPLE, which Horovod needs
 
@@ -196,6 +189,17 @@ def init_distributed(layout_for: Callable[[int], Layout], peer_timeout_s: float 
                     world_comm=world_comm,
                     embed_comm=embed_comm if embed_comm != MPI.COMM_NULL else None,
                     watchdog=_watchdog(rank, stage, replica, peer_timeout_s))
+
+
+def gloo_topology(layout_for: Callable[[int], Layout], watchdog: Watchdog | None) -> Topology:
+    """The grid of an initialised Horovod without MPI: one stage, every rank a replica."""
+    layout = layout_for(hvd.size())
+    if layout.stages > 1:
+        raise UserError("pipeline stages need MPI point-to-point messages: launch with mpirun, "
+                         "srun or horovodrun --mpi instead of horovodrun --gloo")
+    return Topology(layout=layout, rank=hvd.rank(), stage=0, replica=hvd.rank(),
+                    local_rank=hvd.local_rank(), local_size=hvd.local_size(),
+                    process_set=hvd.global_process_set, watchdog=watchdog)
 
 
 def warm_up_object_collectives(comms: list) -> None:

@@ -17,8 +17,9 @@ from hvdllm.log import logger
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, where: str, abort: Callable[[int], None]) -> None:
-        self.timeout_s, self.where, self.abort = timeout_s, where, abort
+    def __init__(self, timeout_s: float, where: str, abort: Callable[[int], None],
+                 reaction: str = "ending the job") -> None:
+        self.timeout_s, self.where, self.abort, self.reaction = timeout_s, where, abort, reaction
         self.step = 0
         """The step being trained (set by the training loop, for the message)."""
         self._deadline: float | None = None
@@ -45,8 +46,8 @@ class Watchdog:
                 self._wake.wait()
                 self._wake.clear()
             elif time.monotonic() > deadline:
-                logger.error("%s waited %.0f s for %s in step %d; ending the job", self.where,
-                             self.timeout_s, self._what, self.step + 1)
+                logger.error("%s waited %.0f s for %s in step %d; %s", self.where,
+                             self.timeout_s, self._what, self.step + 1, self.reaction)
                 self.abort(1)
             else:
                 time.sleep(min(1.0, max(0.01, deadline - time.monotonic())))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Callable
 
 import horovod
 import torch
@@ -70,7 +71,7 @@ def log_metrics(t: Trainer, window: list[dict], tokens_per_step: int) -> dict:
            "loss_scale": last["loss_scale"], "skipped_steps": last["skipped_steps"],
            "tokens_per_s": tokens_per_s,
            "mfu": t.flops_per_token * tokens_per_s / (t.peak_tflops * 1e12 * topo.world),
-           "step_ms": 1000 * step_s}
+           "step_ms": 1000 * step_s, "world_size": topo.world}
     if topo.stages > 1:  # share of the step each stage spent waiting, averaged over all ranks
         waited = sum(w["wait_s"] for w in window) / sum(w["step_s"] for w in window)
         out["bubble"] = topo.replica_mean(topo.sum_over_stages(waited) / topo.stages)
@@ -85,6 +86,10 @@ def train(job: JobConfig, resume: str | None = None, fresh: bool = False) -> dic
     resume: None (a new run), "latest", "auto" or a path (see checkpoint.resume_candidates);
     fresh: move a previous run in the run directory aside first (train/run_dir.py).
     """
+    from hvdllm.train.elastic import launched_elastic, train_elastic
+
+    if launched_elastic():  # horovodrun --min-np/--max-np/--host-discovery-script
+        return train_elastic(job, resume, fresh)
     stop = StopRequest()  # before setup: a signal during start-up is honoured after step one
     t = setup(job, resume, fresh)
     memory = rank_memory(t)  # every rank: exact counts and one measured micro-batch, gathered
@@ -119,9 +124,11 @@ def train(job: JobConfig, resume: str | None = None, fresh: bool = False) -> dic
 
 
 def run_steps(t: Trainer, writer: MetricsWriter | None, tracer: Tracer | None,
-              stop: StopRequest) -> dict[str, float]:
+              stop: StopRequest,
+              after_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """The steps from the start step to the end; logs, evaluates, draws and checkpoints on
-    their schedules. Raises Preempted after the checkpoint of a signalled step."""
+    their schedules. Raises Preempted after the checkpoint of a signalled step. after_step(done)
+    ends each step (elastic mode commits there)."""
     every = t.job.training
     tokens_per_step = every.global_batch_size * t.job.data.seq_len
     last: dict[str, float] = {}
@@ -158,4 +165,6 @@ def run_steps(t: Trainer, writer: MetricsWriter | None, tracer: Tracer | None,
         if signalled:
             stop.honoured()
             raise Preempted(done, signalled)
+        if after_step:
+            after_step(done)
     return last

@@ -80,6 +80,23 @@ def restore(job: JobConfig, resume: str | None, topo: Topology, data: PreparedDa
     return 0, {}
 
 
+def restore_locally(job: JobConfig, resume: str, data: PreparedData, stage: Stage,
+                    sync) -> tuple[int, dict]:
+    """`restore` without a collective (elastic mode's start): the newest checkpoint this rank can
+    read. Rank 0's choice is the world's: the elastic sync broadcasts its state."""
+    candidates, explicit = resume_candidates(job.run_dir, resume)
+    for path in candidates:
+        try:
+            return apply(read_stage_state(Checkpoint(path), data, stage), stage, sync)
+        except CheckpointError as e:
+            if explicit:
+                raise
+            logger.warning("skipping checkpoint %s: %s", path, e)
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint in {job.run_dir / 'checkpoints'}")
+    return 0, {}
+
+
 def apply(state: StageState, stage: Stage, sync) -> tuple[int, dict]:
     """Put what was read into the stage and its gradient sync (parallel/grad_sync.py)."""
     stage.model.load_state_dict(state.model)

@@ -15,7 +15,7 @@ from pathlib import Path
 from hvdllm.errors import UserError
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "job.toml", "run_info.json", "pipeline",
-             "profile")
+             "profile", "elastic.jsonl")
 """What a training run writes into its run directory."""
 
 

@@ -143,39 +143,55 @@ def setup(job: JobConfig, resume: str | None, fresh: bool = False) -> Trainer:
     note = topo.rank0_decides("the run directory", lambda: claim_run_dir(job.run_dir, resume, fresh))
     if note:
         logger.info("%s", note)
-    data = prepared_data(job, topo)
-    layout = topo.layout
-    reader = TokenReader(data.tokens("train"), job.data.seq_len, job.training.global_batch_size,
-                         job.run.seed)
-    stage, fpt = build_stage(job, topo, data.meta["vocab_size"])
-    model = stage.model.to(device)
-    peak_lr = scaled_peak_lr(job.optim, topo.replicas)
-    # Distributed step 1: the stage's gradients are averaged across its replicas (grad_sync).
-    sync = gradient_sync(job, topo, stage, peak_lr)
-    start_step, saved = restore(job, resume, topo, data, stage, sync)
+    t = build_trainer(job, topo, device, prepared_data(job, topo), timeline)
+    t.start_step, saved = restore(job, resume, topo, t.data, t.stage, t.sync)
+    adopt_counters(t, saved)
     # Distributed step 2: every replica starts from its stage's first replica's weights. Every
     # rank read the same checkpoint, so optimizer state needs no broadcast; a fresh optimizer has
     # none (Horovod's broadcast_optimizer_state would create it with a zero-gradient step, which
     # moves AdamW's weights and step count).
     with topo.waiting("the initial weights of the stage's first replica"):
-        broadcast_parameters(model, root_rank=topo.stage, process_set=topo.process_set)
+        broadcast_parameters(t.model, root_rank=topo.stage, process_set=topo.process_set)
+    return t
+
+
+def build_trainer(job: JobConfig, topo: Topology, device: torch.device, data: PreparedData,
+                  timeline: bool = False) -> Trainer:
+    """This rank's model stage, gradient sync, scaler and schedule runner: no collective."""
+    reader = TokenReader(data.tokens("train"), job.data.seq_len, job.training.global_batch_size,
+                         job.run.seed)
+    stage, fpt = build_stage(job, topo, data.meta["vocab_size"])
+    stage.model.to(device)
+    peak_lr = scaled_peak_lr(job.optim, topo.replicas)
+    # Distributed step 1: the stage's gradients are averaged across its replicas (grad_sync).
+    sync = gradient_sync(job, topo, stage, peak_lr)
     # fp16 (loss scaling) and fp16 compression (an fp16 sum can overflow) both need the
     # world-agreed inf/NaN check; fp16 compression alone keeps the scale at 1.
     scaler = LossScaler(job.precision.dtype == "fp16", job.precision.initial_scale,
                         job.precision.growth_interval, world_max=topo.world_max,
                         check_overflow=job.parallel.compression == "fp16")
-    if saved:
-        scaler.load_state_dict(saved["scaler"])
-    p2p = PointToPoint(topo.pipe_comm, topo.waiting) if topo.stages > 1 else None
-    runner = PipelineRunner(stage, topo.stage, topo.stages, job.parallel.schedule,
-                            layout.micro_batches, p2p, device,
-                            lambda: autocast(job.precision.dtype, device), scaler.scale_loss)
     peak = job.precision.peak_tflops or measure_peak_tflops(job.precision.dtype, device)
     logger.info("model: %s %.2fM parameters on this stage | MFU peak %.2f TFLOP/s per rank (%s)",
-                job.model.family, count_parameters(model) / 1e6, peak,
+                job.model.family, count_parameters(stage.model) / 1e6, peak,
                 "from the job" if job.precision.peak_tflops else f"measured {job.precision.dtype} matmul")
     return Trainer(job=job, topo=topo, device=device, data=data, reader=reader, stage=stage,
                    sync=sync, schedule=LRSchedule(job.optim, peak_lr, job.training.steps),
-                   scaler=scaler, runner=runner, checkpoints=CheckpointManager(job.run_dir),
-                   start_step=start_step, flops_per_token=fpt, peak_tflops=peak,
-                   skipped_steps=int(saved.get("skipped_steps", 0)), horovod_timeline=timeline)
+                   scaler=scaler, runner=schedule_runner(job, topo, stage, scaler, device),
+                   checkpoints=CheckpointManager(job.run_dir), flops_per_token=fpt,
+                   peak_tflops=peak, horovod_timeline=timeline)
+
+
+def schedule_runner(job: JobConfig, topo: Topology, stage: Stage, scaler: LossScaler,
+                    device: torch.device) -> PipelineRunner:
+    """The stage's schedule over its micro-batches (pipeline messages by mpi4py when P > 1)."""
+    p2p = PointToPoint(topo.pipe_comm, topo.waiting) if topo.stages > 1 else None
+    return PipelineRunner(stage, topo.stage, topo.stages, job.parallel.schedule,
+                          topo.layout.micro_batches, p2p, device,
+                          lambda: autocast(job.precision.dtype, device), scaler.scale_loss)
+
+
+def adopt_counters(t: Trainer, saved: dict) -> None:
+    """The loss scale and skipped-step count a checkpoint saved (nothing for a fresh run)."""
+    if saved:
+        t.scaler.load_state_dict(saved["scaler"])
+    t.skipped_steps = int(saved.get("skipped_steps", 0))

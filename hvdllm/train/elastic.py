@@ -122,7 +122,7 @@ class ElasticState(State):
         saved, t = self._saved, self.t
         t.model.load_state_dict(saved["model"])
         t.optimizer.load_state_dict(saved["optim"])  # also clears Horovod's pending handles
-        self._apply({k: saved[k] for k in ("step", "skipped_steps", "scaler")})
+        self._apply(saved)  # its step, skipped steps and loss scale
 
     def _apply(self, counters: dict) -> None:
         self.step = counters["step"]

@@ -4,7 +4,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RANKS  ?= 2
-PYTEST := $(PY) -m pytest tests
+PYTEST := $(PY) -m pytest tests --durations=15
 # OpenMPI refuses root and more ranks than cores unless told; on CPU its progress engine must
 # yield the cores it spins on, or a 2-rank run loses ~30 % (docs/launching.md). The settings are
 # defined once, in hvdllm/launch/env.py, and passed as environment variables.

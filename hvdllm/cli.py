@@ -47,6 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     p.add_argument("--world", type=int, required=True, help="ranks the job would run on")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the ranks run")
+    p = sub.add_parser("plan", help="rank the job's layouts on a cluster by predicted step time "
+                       "and memory (docs/planning.md)")
+    _job_args(p)
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, required=True, metavar="G",
+                   help="ranks per node: GPUs, or on CPU nodes the ranks you would start")
+    p.add_argument("--cluster", required=True, metavar="PRESET|FILE",
+                   help="a preset (see docs/planning.md) or a file from hvdllm calibrate")
+    p.add_argument("--inter-gbit", type=float, default=0, help="inter-node bandwidth, Gbit/s")
+    p.add_argument("--inter-latency-us", type=float, default=0, help="inter-node latency, us")
+    p.add_argument("--top", type=int, default=5, help="layouts shown (default 5)")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="share of each rank's memory left free (default 0.1)")
+    p.add_argument("--write-job", metavar="FILE", help="write the job with the best layout here")
+    p.add_argument("--slurm", metavar="FILE", help="write an sbatch script for the best layout")
+    p = sub.add_parser("calibrate", help="measure this machine's rates for hvdllm plan (short "
+                       "one-rank runs of the job's model and a 2-rank link probe)")
+    _job_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="cluster file (JSON)")
     p = sub.add_parser("slurm", help="render an sbatch script for the job (templates in hvdllm/launch/templates)")
     _job_args(p)
     for flag, kind in [("--nodes", int), ("--tasks-per-node", int), ("--gpus-per-node", int),
@@ -68,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="instead: per-rank peak memory (measured "
                    "and predicted) and step time of 1, 2 and 4 stages, ZeRO-1 against data "
                    "parallelism, activation checkpointing on and off")
+    p.add_argument("--plan", action="store_true", help="instead: the planner's predicted step "
+                   "time and memory against measured runs of several layouts (docs/planning.md)")
     p.add_argument("--hosts", type=int, default=0, metavar="N", help="instead: data parallelism "
                    "on N namespace hosts x 1 rank over shaped links, against one host (as root)")
     p.add_argument("--links", default="10gbit,1gbit,200mbit",
@@ -105,6 +126,12 @@ def run(args: argparse.Namespace) -> None:
         job = load_job(args.job, args.overrides)
         print(table(predict(job, args.world, args.device), f"{args.job} on {args.world} ranks "
                     f"({args.device})"), end="")
+    elif args.command == "plan":
+        _plan(args)
+    elif args.command == "calibrate":
+        from hvdllm.plan.calibrate import calibrate
+
+        calibrate(args.job, args.overrides, Path(args.output))
     elif args.command == "slurm":
         _slurm(args)
     elif args.command == "bench" and args.data:
@@ -118,6 +145,11 @@ def run(args: argparse.Namespace) -> None:
         print(network_markdown(network_bench(
             args.job, args.overrides, Path(args.out), args.hosts, args.links.split(","),
             args.quick, args.repeats, args.steps, tuned=args.tcp_tuned)), end="")
+    elif args.command == "bench" and args.plan:
+        from hvdllm.bench.plan_rows import plan_bench, plan_markdown
+
+        print(plan_markdown(plan_bench(args.job, args.overrides, Path(args.out), args.quick,
+                                       args.repeats, args.steps)), end="")
     elif args.command == "bench" and args.memory:
         from hvdllm.bench.memory_rows import memory_bench, memory_markdown
 
@@ -136,6 +168,29 @@ def run(args: argparse.Namespace) -> None:
         from hvdllm.export import generate
 
         print(generate(args.model_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from hvdllm.plan import load_cluster, make_plan, plan_text, with_links
+
+    job = load_job(args.job, args.overrides)
+    cluster = with_links(load_cluster(args.cluster), args.inter_gbit, args.inter_latency_us)
+    p = make_plan(job, cluster, args.nodes, args.gpus_per_node, args.headroom)
+    print(plan_text(p, args.top), end="")
+    best = p.ranked[0].candidate
+    if args.write_job:
+        Path(args.write_job).write_text(dump_toml(load_job(args.job, [*args.overrides, *best.sets()])))
+        print(f"wrote {args.write_job}", file=sys.stderr)
+    if args.slurm:
+        from hvdllm.launch.slurm import SlurmOptions, render
+
+        sets = [*args.overrides, *best.sets()]
+        job = load_job(args.job, sets)
+        SlurmOptions(nodes=args.nodes, tasks_per_node=args.gpus_per_node,
+                     gpus_per_node=args.gpus_per_node if cluster.device == "cuda" else 0
+                     ).apply(job.slurm)
+        Path(args.slurm).write_text(render(job, Path(args.job), sets))
+        print(f"wrote {args.slurm}: sbatch {args.slurm}", file=sys.stderr)
 
 
 def _slurm(args: argparse.Namespace) -> None:

@@ -33,6 +33,12 @@ GROUP_OF_MODULE = {
 """The group of a test that carries no group marker itself; a module not listed here is `mpi`
 (the slow side, so that a new module never slips into `pytest -m unit` unnoticed)."""
 
+GROUP_BUDGET_S = {"unit": 120, "mpi": 540, "slurm": 300, "bench": 420, "multihost": 360,
+                  "elastic": 180, "data": 120}
+"""What each group may take in all on 2 shared cores (`make test` ~30 min with the set-up); the
+end of a session prints each group's time against it (a report, never a failure: times here
+are noisy)."""
+
 TEST_TIMEOUT_S = {"mpi": 900, "bench": 900, "slurm": 1800, "multihost": 600, "elastic": 600}
 """Wall-clock bound of one test's body (fixtures excluded) by group; each launch has its own."""
 
@@ -132,3 +138,24 @@ def pytest_runtest_call(item: pytest.Item):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+_GROUP_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add each phase's duration (set-up, call, tear-down) to its test's group."""
+    group = next((k for k in report.keywords if k in GROUPS), "mpi")
+    _GROUP_SECONDS[group] = _GROUP_SECONDS.get(group, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Each group's time against its budget (GROUP_BUDGET_S)."""
+    if not _GROUP_SECONDS:
+        return
+    terminalreporter.section("time per test group (s, against its budget)")
+    for group in GROUPS:
+        if group in _GROUP_SECONDS:
+            spent, budget = _GROUP_SECONDS[group], GROUP_BUDGET_S[group]
+            flag = "  OVER BUDGET" if spent > budget else ""
+            terminalreporter.write_line(f"{group:>10} {spent:7.0f} / {budget:4d}{flag}")

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY, hvdllm, run
+from conftest import ROOT, TINY, hvdllm, run
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,21 @@ CASES = {
         "--links: not a tc rate: 'fast'"),
     "bench over one host": (
         lambda t, a, r: ["bench", TINY, "--hosts", "1", "--out", t / "b"], "at least 2 hosts"),
+    "plan on a cluster that is neither a preset nor a file": (
+        lambda t, a, r: ["plan", TINY, "--gpus-per-node", "2", "--cluster", "nosuch"],
+        "neither a preset"),
+    "plan on a cluster file that is not one": (
+        lambda t, a, r: ["plan", TINY, "--gpus-per-node", "2", "--cluster", job_file(t, b"{}")],
+        "not a cluster description written by hvdllm calibrate"),
+    "plan with more GPUs per node than the preset has": (
+        lambda t, a, r: ["plan", TINY, "--gpus-per-node", "16", "--cluster", "h100-80g-8x-ib400"],
+        "preset has 8 GPUs per node"),
+    "plan of a batch that no layout splits": (
+        lambda t, a, r: ["plan", TINY, "--gpus-per-node", "3", "--cluster", "h100-80g-8x-ib400"],
+        "has no split over them"),
+    "plan of a job that fits no layout": (
+        lambda t, a, r: ["plan", ROOT / "jobs" / "llama-7b.toml", "--gpus-per-node", "1",
+                         "--cluster", "l40s-48g-4x-eth100"], "no layout fits 40.2 GiB per rank"),
     "export into a checkpoint": (
         lambda t, a, r: ["export", r, ckpt(copy_run(r, t), 2) / "hf"], "inside a run's checkpoints/"),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 
 import pytest
 from conftest import ROOT, TINY, hvdllm, run
@@ -40,7 +41,8 @@ def test_bench_modules_import_without_a_cycle():
 def test_bench_quick_writes_all_reports(tmp_path):
     out = tmp_path / "bench"
     # No data.dir: the bench prepares <run.dir>/data once and points every launch at it.
-    p = run(hvdllm("bench", TINY, "--quick", "--steps", "3", "--out", out,
+    # One launch per row (--repeats 1): the reports are what is tested here, not the spread.
+    p = run(hvdllm("bench", TINY, "--quick", "--steps", "3", "--repeats", "1", "--out", out,
                    "--set", f"run.dir={tmp_path / 'run'}"), timeout=600)
     summary = json.loads((out / "bench.json").read_text())
     names = [r["name"] for r in summary["rows"]]
@@ -49,7 +51,7 @@ def test_bench_quick_writes_all_reports(tmp_path):
     assert {"pipeline P=2 gpipe m=4 fp32", "pipeline P=2 1f1b m=4 fp32", "1 rank fp32 profiled"
             } <= set(names)
     for row in summary["rows"]:
-        assert row["tokens_per_s"] > 0 and len(row["step_ms_repeats"]) == 2
+        assert row["tokens_per_s"] > 0 and len(row["step_ms_repeats"]) == 1
         assert row["peak_memory_mib"] > 100  # measured by every launch, the DDP peer's too
     # GPipe and 1F1B drawn side by side; the profiled row traced its steps.
     charts = summary["pipeline_charts"]
@@ -84,3 +86,27 @@ def test_bench_memory_rows_count_what_each_layout_saves(tmp_path):
     assert rows["4 stages"]["optimizer_per_rank"] < rows["1 stage, 1 rank"]["optimizer_per_rank"] / 2
     assert rows["1 rank, activation checkpointing"]["activations"] < rows["1 stage, 1 rank"]["activations"]
     assert "| ZeRO-1 R=2 | 2 |" in p.stdout and (out / "bench-memory.md").read_text() == p.stdout
+
+
+def test_bench_plan_calibrates_predicts_and_measures(tmp_path):
+    """The planner's small validation case: calibration, three layouts predicted and run, the
+    errors reported (not asserted: times here are noisy); then a plan from that calibration."""
+    out = tmp_path / "bench"
+    run(hvdllm("bench", TINY, "--plan", "--quick", "--steps", "2", "--out", out,
+               "--set", f"run.dir={tmp_path / 'run'}"), timeout=600)
+    summary = json.loads((out / "bench-plan.json").read_text())
+    assert [r["ranks"] for r in summary["rows"]] == [1, 2, 2]
+    for row in summary["rows"]:
+        assert row["predicted_step_s"] > 0 and row["measured_step_s"] > 0
+        assert row["predicted_peak_bytes"] > 100 * 2**20 < row["measured_peak_bytes"]
+    assert "Median step-time error" in (out / "bench-plan.md").read_text()
+    cluster = json.loads((out / "cluster.json").read_text())
+    from hvdllm.plan.calibrate import thread_counts
+
+    assert [int(t) for t in cluster["rates"]] == thread_counts(os.cpu_count() or 1)
+    assert cluster["device"] == "cpu"
+    p = run(hvdllm("plan", TINY, "--gpus-per-node", "2", "--cluster", out / "cluster.json"))
+    assert "calibrated on the model" in p.stdout and "#1 over #2" in p.stdout
+    refused = run(hvdllm("plan", TINY, "--gpus-per-node", "2", "--cluster", out / "cluster.json",
+                         "--set", "data.seq_len=32"), check=False)
+    assert refused.returncode == 2 and "run hvdllm calibrate on this job" in refused.stderr

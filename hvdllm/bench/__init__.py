@@ -9,6 +9,8 @@ Modules, each importing only those before it:
   runner    bench(): every launch, alternating, and the summary
   memory_rows  bench --memory: per-rank peak (measured and predicted) and step time by layout
   data_prep    bench --data: data preparation rows
+  network      bench --hosts: data parallelism on namespace hosts over shaped links
+  plan_rows    bench --plan: the planner's predictions against measured layouts (hvdllm.plan)
 """
 
 from hvdllm.bench.report import markdown

@@ -329,23 +329,32 @@ def job_vocab_size(job: JobConfig) -> int:
     return job.data.vocab_size
 
 
-def predict(job: JobConfig, world: int, device_type: str = "cuda") -> list[RankMemory]:
-    """Per-stage prediction (every replica of a stage is alike) from the model's sizes: the
-    model is built on the meta device only, cut like a run cuts it."""
-    from hvdllm.layout import job_layout
+def meta_stages(job: JobConfig, stages: int) -> list:
+    """The job's model cut into `stages` Stages as a run cuts it, on the meta device (sizes only)."""
     from hvdllm.models import Stage, empty_model, model_config, partition_for
+
+    config = model_config(job.model, job_vocab_size(job), job.data.seq_len)
+    ranges = partition_for(empty_model(config), stages, job.parallel.stage_layers or None)
+    return [Stage(empty_model(config), layers, s == 0, s == stages - 1)
+            for s, layers in enumerate(ranges)]
+
+
+def predict(job: JobConfig, world: int, device_type: str = "cuda",
+            stages: list | None = None) -> list[RankMemory]:
+    """Per-stage prediction (every replica of a stage is alike) from the model's sizes: the
+    model is built on the meta device only (or `stages`, meta_stages() of the same cut, reused)."""
+    from hvdllm.layout import job_layout
     from hvdllm.models.activations import checkpointed_blocks
 
     layout = job_layout(job, world)
-    config = model_config(job.model, job_vocab_size(job), job.data.seq_len)
-    ranges = partition_for(empty_model(config), layout.stages, job.parallel.stage_layers or None)
+    stages = stages or meta_stages(job, layout.stages)
+    config = stages[0].model.config
     checkpointed = checkpointed_blocks(job.training.activation_checkpointing,
                                        job.training.checkpoint_every_blocks, config.num_hidden_layers)
     tokens, low = layout.micro_batch_size * job.data.seq_len, job.precision.dtype != "fp32"
     zero = getattr(job.parallel, "zero", 0)
     rows = []
-    for s, layers in enumerate(ranges):
-        stage = Stage(empty_model(config), layers, s == 0, s == layout.stages - 1)
+    for s, stage in enumerate(stages):
         params = [p for p in stage.model.parameters() if p.requires_grad]
         per_mb, copies = stage_activation_estimate(stage, tokens, job.data.seq_len, low, checkpointed)
         optimizer = zero_optimizer_bytes(params, job.optim, layout.replicas) if zero \

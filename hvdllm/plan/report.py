@@ -18,6 +18,8 @@ from hvdllm.layout import LayoutError
 from hvdllm.plan.space import candidates, current
 
 GIB = 2.0 ** 30
+TIE_S = 1e-5
+"""Predicted step times this close are equal (the ranking then prefers fewer knobs)."""
 TERM_WORDS = {"compute_s": "compute", "bubble_s": "pipeline bubble", "messages_s": "pipeline messages",
               "exchange_s": "gradient exchange", "optimizer_s": "optimizer step",
               "fixed_s": "per-step work", "shared_s": "shared cores"}
@@ -60,8 +62,9 @@ def make_plan(job: JobConfig, cluster: Cluster, nodes: int, ranks_per_node: int,
     estimates = [model.estimate(c) for c in candidates(job, world)]
     logger.info("plan: %d layouts of %s on %d x %d ranks estimated", len(estimates),
                 job.run.name, nodes, ranks_per_node)
-    # Equal predicted times (an exchange hidden either way): the layout with fewer knobs first.
-    fitting = sorted((e for e in estimates if e.fits), key=lambda e: (e.step_s, knobs(e)))
+    # Equal predicted times (to TIE_S; an exchange hidden either way): fewer knobs first.
+    fitting = sorted((e for e in estimates if e.fits),
+                     key=lambda e: (round(e.step_s / TIE_S), knobs(e), e.step_s))
     if not estimates:
         raise UserError(f"no layout of this job fits {world} ranks: training.global_batch_size "
                         f"({job.training.global_batch_size}) has no split over them")
@@ -85,7 +88,7 @@ def knobs(e: Estimate) -> int:
 
 def reason(better: Estimate, worse: Estimate) -> str:
     """Why `better` is ahead: the term it saves most on (and what it pays elsewhere)."""
-    if worse.step_s - better.step_s < 1e-5:
+    if round(worse.step_s / TIE_S) == round(better.step_s / TIE_S):
         return "the same predicted time with fewer knobs turned"
     gains = {t: getattr(worse, t) - getattr(better, t) for t in TERMS}
     won = max(gains, key=gains.get)
@@ -102,7 +105,12 @@ def own_line(p: Plan) -> str:
         return "the job's own layout does not fit this world's ranks"
     e, best = p.own, p.ranked[0]
     place = next((i for i, x in enumerate(p.ranked, 1) if x.candidate == e.candidate), None)
-    where = f"#{place}" if place else f"does not fit ({e.peak_bytes / GIB:.1f} GiB per rank)"
+    if place:
+        where = f"#{place}"
+    elif not e.fits:
+        where = f"does not fit ({e.peak_bytes / GIB:.1f} GiB per rank)"
+    else:
+        where = "outside the search (micro-batches over 64 sequences)"
     return (f"the job's own layout ({e.candidate.label()}): {where}, {1000 * e.step_s:.1f} ms, "
             f"{e.step_s / best.step_s - 1:+.1%} against #1")
 

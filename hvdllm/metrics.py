@@ -41,6 +41,40 @@ def measure_peak_tflops(dtype: str, device: torch.device, size: int = 1024,
     return 2 * n ** 3 / seconds / 1e12
 
 
+DATASHEET_TFLOPS = {  # dense (no sparsity) matmul peaks per GPU, from the vendors' datasheets
+    "H100 PCIe": {"bf16": 756, "fp16": 756, "fp32": 51},
+    "H100": {"bf16": 989, "fp16": 989, "fp32": 67},
+    "H200": {"bf16": 989, "fp16": 989, "fp32": 67},
+    "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5},
+    "L40S": {"bf16": 362, "fp16": 362, "fp32": 91.6},
+    "MI300X": {"bf16": 1307, "fp16": 1307, "fp32": 163.4},
+}
+"""MFU's denominator on common data-centre GPUs, matched against torch's device name in this
+order (the PCIe H100 before the SXM one). fp32 is the plain FP32 rate: hvdllm leaves TF32 off."""
+
+
+def datasheet_tflops(device_name: str, dtype: str) -> tuple[float, str] | None:
+    """(dense TFLOP/s, the entry's name) for a GPU the table knows, else None."""
+    for key, rates in DATASHEET_TFLOPS.items():
+        if key in device_name:
+            return float(rates[dtype]), key
+    return None
+
+
+def mfu_peak(dtype: str, device: torch.device) -> tuple[float, str]:
+    """MFU's peak per rank and where it came from: a GPU's datasheet, else a measured matmul
+    (on GPUs 8192^3 after a warm-up: a small product reads far below a GPU's peak and would
+    inflate MFU; on CPUs measure_peak_tflops' 1024^2)."""
+    if device.type != "cuda":
+        return measure_peak_tflops(dtype, device), f"measured {dtype} matmul"
+    name = torch.cuda.get_device_name(device)
+    known = datasheet_tflops(name, dtype)
+    if known:
+        return known[0], f"datasheet {known[1]} dense {dtype}"
+    return measure_peak_tflops(dtype, device, size=8192, budget_s=1.0), \
+        f"measured 8192^3 {dtype} matmul on {name}"
+
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

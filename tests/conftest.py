@@ -25,6 +25,7 @@ GROUPS = ("unit", "mpi", "slurm", "bench", "multihost", "elastic", "data")
 GROUP_OF_MODULE = {
     "test_config": "unit", "test_layout": "unit", "test_schedules": "unit", "test_optim": "unit",
     "test_docs": "unit", "test_data": "unit", "test_models": "unit", "test_slurm_templates": "unit",
+    "test_metrics": "unit", "test_plan": "unit",
     "test_data_parallel": "mpi", "test_pipeline": "mpi", "test_install": "mpi",
     "test_slurm": "slurm", "test_slurm_prepare": "slurm", "test_bench": "bench",
     "test_data_sources": "data", "test_data_scale": "data", "test_multihost": "multihost",

@@ -23,8 +23,6 @@ from hvdllm.plan.space import Candidate
 
 VALIDATION = Path(__file__).parent / "data" / "plan-validation.json"
 
-pytestmark = pytest.mark.unit
-
 
 def quiet_cluster(**rates) -> object:
     """A GPU preset with free links and only the named rates (others 0), for exact formulas."""

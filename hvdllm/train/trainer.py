@@ -14,7 +14,7 @@ from hvdllm.data import PreparedData, TokenReader, load_prepared, prepare
 from hvdllm.errors import UserError
 from hvdllm.layout import job_layout
 from hvdllm.log import logger, setup_logging
-from hvdllm.metrics import measure_peak_tflops
+from hvdllm.metrics import mfu_peak
 from hvdllm.models import (
     Stage,
     count_parameters,
@@ -170,10 +170,10 @@ def build_trainer(job: JobConfig, topo: Topology, device: torch.device, data: Pr
     scaler = LossScaler(job.precision.dtype == "fp16", job.precision.initial_scale,
                         job.precision.growth_interval, world_max=topo.world_max,
                         check_overflow=job.parallel.compression == "fp16")
-    peak = job.precision.peak_tflops or measure_peak_tflops(job.precision.dtype, device)
+    peak, source = (job.precision.peak_tflops, "from the job") if job.precision.peak_tflops \
+        else mfu_peak(job.precision.dtype, device)
     logger.info("model: %s %.2fM parameters on this stage | MFU peak %.2f TFLOP/s per rank (%s)",
-                job.model.family, count_parameters(stage.model) / 1e6, peak,
-                "from the job" if job.precision.peak_tflops else f"measured {job.precision.dtype} matmul")
+                job.model.family, count_parameters(stage.model) / 1e6, peak, source)
     return Trainer(job=job, topo=topo, device=device, data=data, reader=reader, stage=stage,
                    sync=sync, schedule=LRSchedule(job.optim, peak_lr, job.training.steps),
                    scaler=scaler, runner=schedule_runner(job, topo, stage, scaler, device),

@@ -49,7 +49,7 @@ def test_every_candidate_is_a_valid_job_on_its_world():
 
 
 def test_one_stage_step_is_micro_batches_times_flops_plus_optimizer():
-    job = load_job(TINY, ["precision.dtype=bf16"])  # presets run fp32 at half the bf16 rate
+    job = load_job(TINY, ["precision.dtype=bf16"])  # presets run fp32 at the FP32 peak
     model = CostModel(job, quiet_cluster(flop_s=1e-12, param_s=1e-9), ranks_per_node=1)
     c = Candidate(1, 1, 2, 4)
     e = model.estimate(c)

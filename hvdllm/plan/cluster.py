@@ -79,6 +79,9 @@ class Cluster:
     """Share of the last micro-batch's backward that hides the gradient exchange (0: none)."""
     source: str
     """Where the numbers come from: a preset's datasheet and assumptions, or a calibration run."""
+    fp32_slowdown: float = 1.0
+    """How much slower an fp32 job's FLOPs run than the rates' (a preset's bf16 / FP32 peak;
+    1 for a calibration, which measures the job's own dtype)."""
     calibrated_model: str = ""
     """For a calibration: the block shape it timed (model_shape()); other shapes are refused."""
     notes: list[str] = field(default_factory=list)
@@ -107,38 +110,45 @@ def cluster_from_json(text: str, where: str) -> Cluster:
                         f"({type(e).__name__}: {e})") from None
 
 
-def _gpu_node(name: str, gpus: int, memory_gib: float, bf16_tflops: float, hbm_tb_s: float,
+def _gpu_node(name: str, gpus: int, memory_gib: float, gpu: str, hbm_tb_s: float,
               intra_gb_s: float, inter_gb_s: float, datasheet: str) -> Cluster:
-    """A GPU node preset: training reaches EFFICIENCY of the dense bf16 peak; the optimizer step
-    moves 28 bytes per parameter (read weight, gradient, two moments; write three) at HBM speed."""
-    efficiency = 0.45
+    """A GPU node preset: training reaches EFFICIENCY of the dense bf16 peak (hvdllm.metrics'
+    datasheet table, like MFU); fp32 jobs run at the plain FP32 rate (TF32 is left off); the
+    optimizer step moves 28 bytes per parameter (read weight, gradient, two moments; write
+    three) at HBM speed."""
+    from hvdllm.metrics import DATASHEET_TFLOPS
+
+    efficiency, rates = 0.45, DATASHEET_TFLOPS[gpu]
+    bf16 = rates["bf16"]
     return Cluster(
         name=name, device="cuda", devices_per_node=gpus, device_memory_bytes=memory_gib * 2**30,
-        peak_tflops=bf16_tflops, rates={0: Rates(flop_s=1 / (bf16_tflops * 1e12 * efficiency), layer_s=150e-6,
+        peak_tflops=bf16, fp32_slowdown=bf16 / rates["fp32"],
+        rates={0: Rates(flop_s=1 / (bf16 * 1e12 * efficiency), layer_s=150e-6,
                         param_s=28 / (hbm_tb_s * 1e12))},
         allreduce_intra=Link(8e-6, intra_gb_s * GB), allreduce_inter=Link(15e-6, inter_gb_s * GB),
         p2p_intra=Link(10e-6, intra_gb_s * GB), p2p_inter=Link(20e-6, inter_gb_s * GB),
         overlap=0.8, source=f"preset {name}: {datasheet}",
         notes=[f"assumed: training matmuls reach {efficiency:.0%} of the dense bf16 peak "
-               f"({bf16_tflops:g} TFLOP/s); 150 us per block per micro-batch of launches; "
-               f"all-reduce hidden behind 80 % of the last backward; fp32 jobs at half the bf16 rate"])
+               f"({bf16:g} TFLOP/s; fp32 jobs {bf16 / rates['fp32']:.0f}x slower, TF32 off); "
+               f"150 us per block per micro-batch of launches; all-reduce hidden behind 80 % of "
+               f"the last backward"])
 
 
 PRESETS = {
     "a100-80g-8x-ib200": lambda: _gpu_node(
-        "a100-80g-8x-ib200", 8, 80, 312, 2.0, 240, 25,
+        "a100-80g-8x-ib200", 8, 80, "A100", 2.0, 240, 25,
         "A100 SXM 80 GB, 312 TFLOP/s dense bf16, 2.0 TB/s HBM, NVLink 3 (~240 GB/s per GPU "
         "achieved), one 200 Gbit/s InfiniBand port per GPU"),
     "h100-80g-8x-ib400": lambda: _gpu_node(
-        "h100-80g-8x-ib400", 8, 80, 989, 3.35, 360, 50,
+        "h100-80g-8x-ib400", 8, 80, "H100", 3.35, 360, 50,
         "H100 SXM 80 GB, 989 TFLOP/s dense bf16, 3.35 TB/s HBM, NVLink 4 (~360 GB/s per GPU "
         "achieved), one 400 Gbit/s InfiniBand port per GPU"),
     "h200-141g-8x-ib400": lambda: _gpu_node(
-        "h200-141g-8x-ib400", 8, 131, 989, 4.8, 360, 50,
+        "h200-141g-8x-ib400", 8, 131, "H200", 4.8, 360, 50,
         "H200 SXM 141 GB, 989 TFLOP/s dense bf16, 4.8 TB/s HBM, NVLink 4, one 400 Gbit/s "
         "InfiniBand port per GPU"),
     "l40s-48g-4x-eth100": lambda: _gpu_node(
-        "l40s-48g-4x-eth100", 4, 44.7, 362, 0.864, 20, 10,
+        "l40s-48g-4x-eth100", 4, 44.7, "L40S", 0.864, 20, 10,
         "L40S 48 GB, 362 TFLOP/s dense bf16, 864 GB/s GDDR6, PCIe 4 between GPUs, 100 Gbit/s "
         "Ethernet per node shared by 4 GPUs (~10 GB/s each on the ring)"),
 }

@@ -161,14 +161,14 @@ class CostModel:
     # -- the terms ------------------------------------------------------------------------------
     def _forward_backward_s(self, rates, s: StageSizes, tokens: int, checkpointing: bool) -> float:
         """One micro-batch through a stage: measured pieces, or FLOPs at the preset's rate
-        (fp32 jobs on GPUs at half the bf16 rate)."""
+        (fp32 jobs at its FP32 rate)."""
         if rates.pieces:
             block = rates.piece_s("block", tokens)
             if checkpointing:  # a recompute is never free: a probe timing it below is noise
                 block = max(block, rates.piece_s("block_checkpointed", tokens))
             return (s.blocks * block + (rates.piece_s("embed", tokens) if s.first else 0.0)
                     + (rates.piece_s("head", tokens) if s.last else 0.0))
-        slow = 2.0 if self.job.precision.dtype == "fp32" else 1.0
+        slow = self.cluster.fp32_slowdown if self.job.precision.dtype == "fp32" else 1.0
         flops = s.flops_per_token + (s.checkpoint_flops_per_token if checkpointing else 0.0)
         return slow * tokens * rates.flop_s * flops + rates.layer_s * s.blocks
 

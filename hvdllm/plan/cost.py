@@ -116,7 +116,7 @@ class CostModel:
     def _build_stages(self, stages: int) -> tuple[list, list[StageSizes]]:
         from hvdllm.train.memory import meta_stages
 
-        built = meta_stages(self.job, stages)
+        built = meta_stages(Candidate(stages, 1, 1, 1).apply(self.job), stages)  # balanced cut
         return built, [stage_sizes(s, self.job.data.seq_len) for s in built]
 
     def threads_per_rank(self) -> int:

@@ -1,6 +1,6 @@
 """The layouts a planner may choose from: every valid combination of the layout knobs.
 
-A Candidate is one point: pipeline stages x replicas, micro-batches x micro-batch size (the job's
+A Candidate is one point: pipeline stages (cut balanced) x replicas, micro-batches x micro-batch size (the job's
 global batch is kept), pipeline schedule, ZeRO-1, activation checkpointing and gradient
 compression. Its `sets()` are the `--set` overrides that run it, and every candidate enumerated
 here passes hvdllm.layout.plan and the job's own validation.
@@ -32,8 +32,9 @@ class Candidate:
         return self.stages * self.replicas
 
     def sets(self) -> list[str]:
-        """The `--set` overrides that run this layout."""
-        return [f"parallel.pipeline_stages={self.stages}",
+        """The `--set` overrides that run this layout (stages cut balanced, as a run cuts them
+        without parallel.stage_layers)."""
+        return [f"parallel.pipeline_stages={self.stages}", "parallel.stage_layers=[]",
                 f"parallel.micro_batches={self.micro_batches}",
                 f"training.micro_batch_size={self.micro_batch_size}",
                 f"parallel.schedule={self.schedule}", f"parallel.zero={self.zero}",
@@ -44,6 +45,7 @@ class Candidate:
         """A copy of the job that runs this layout."""
         out = copy.deepcopy(job)
         out.parallel.pipeline_stages, out.parallel.micro_batches = self.stages, self.micro_batches
+        out.parallel.stage_layers = []
         out.training.micro_batch_size = self.micro_batch_size
         out.parallel.schedule, out.parallel.zero = self.schedule, self.zero
         out.training.activation_checkpointing = self.checkpointing

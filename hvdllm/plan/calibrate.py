@@ -23,7 +23,6 @@ import os
 import socket
 import statistics
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -90,8 +89,7 @@ def fit_to_loop(job, job_path: str, sets: list[str], work: Path, threads: int, c
     mbs, copies = max(1, job.training.micro_batch_size), max(1, cores // threads)
     one = copy.deepcopy(job)
     one.training.global_batch_size = mbs
-    bare = replace(_bare(threads), rates={threads: probe})
-    pieces = CostModel(one, bare, ranks_per_node=1).estimate(Candidate(1, 1, 1, mbs))
+    pieces = CostModel(one, _bare(threads, probe), ranks_per_node=1).estimate(Candidate(1, 1, 1, mbs))
     pieces_s = pieces.compute_s
     t1, t2 = (loop_seconds(job_path, sets, work, threads, copies, mbs, m) for m in (1, 2))
     scale, fixed = loop_fit(t1, t2, pieces_s)
@@ -102,12 +100,13 @@ def fit_to_loop(job, job_path: str, sets: list[str], work: Path, threads: int, c
     return Rates(param_s=probe.param_s, step_s=max(fixed - pieces.optimizer_s, 0.0), pieces=scaled)
 
 
-def _bare(threads: int) -> Cluster:
-    """A CPU cluster with free links, for the one-rank launch's prediction."""
+def _bare(threads: int, rates: Rates) -> Cluster:
+    """A CPU cluster of `threads` cores with the probe's rates and free links, for the one-rank
+    launch's prediction."""
     free = Link(0.0, 1e30)
     return Cluster(name="calibration", device="cpu", devices_per_node=threads,
                    device_memory_bytes=float(psutil.virtual_memory().total), peak_tflops=1.0,
-                   rates={}, allreduce_intra=free, allreduce_inter=free, p2p_intra=free,
+                   rates={threads: rates}, allreduce_intra=free, allreduce_inter=free, p2p_intra=free,
                    p2p_inter=free, overlap=0.0, source="")
 
 

@@ -22,7 +22,7 @@ are reported separately so that a plan can say why one layout beats another.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from hvdllm.config import JobConfig
@@ -60,7 +60,6 @@ class Estimate:
     fits: bool
     tokens_per_s: float = 0.0
     mfu: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def step_s(self) -> float:

@@ -42,10 +42,6 @@ class Plan:
     own: Estimate | None = None
     """The job's own layout on this world, if it has one there."""
 
-    @property
-    def world(self) -> int:
-        return self.nodes * self.ranks_per_node
-
 
 def make_plan(job: JobConfig, cluster: Cluster, nodes: int, ranks_per_node: int,
               headroom: float = HEADROOM) -> Plan:

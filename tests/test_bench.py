@@ -46,8 +46,9 @@ def test_bench_quick_writes_all_reports(tmp_path):
                    "--set", f"run.dir={tmp_path / 'run'}"), timeout=600)
     summary = json.loads((out / "bench.json").read_text())
     names = [r["name"] for r in summary["rows"]]
-    assert names[:5] == ["1 rank fp32", "1 rank bf16", "2 ranks torch DDP fp32",
-                         "2 ranks Horovod fp32", "2 ranks Horovod fp32 fp16 compression"]
+    assert names[:6] == ["1 rank fp32", "1 rank bf16", "2 ranks torch DDP fp32",
+                         "2 ranks Horovod fp32", "2 ranks Horovod fp32 fp16 compression",
+                         "2 ranks Horovod fp32 bf16 compression"]
     assert {"pipeline P=2 gpipe m=4 fp32", "pipeline P=2 1f1b m=4 fp32", "1 rank fp32 profiled"
             } <= set(names)
     for row in summary["rows"]:
@@ -59,8 +60,9 @@ def test_bench_quick_writes_all_reports(tmp_path):
     assert all((out / f).read_bytes()[:4] == b"\x89PNG" and f in (out / "bench.md").read_text()
                for f in charts.values())
     assert list((out / "runs" / "1_rank_fp32_profiled-0" / "profile").glob("rank0.steps3-5.*"))
-    hvd, fp16 = summary["rows"][3], summary["rows"][4]
+    hvd, fp16, bf16 = summary["rows"][3], summary["rows"][4], summary["rows"][5]
     assert fp16["allreduce_payload_bytes"] * 2 == hvd["allreduce_payload_bytes"] > 0  # counted
+    assert bf16["allreduce_payload_bytes"] == fp16["allreduce_payload_bytes"]
     assert all(0 <= r["bubble"] < 1 for r in summary["rows"] if "bubble" in r)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 2 ranks Horovod fp32 |" in (out / "bench.md").read_text()

@@ -251,14 +251,15 @@ def test_network_bench_has_every_place_and_row(tiny_data, tmp_path):
         cleanup_leftovers("hvdb")
     s = json.loads((out / "bench-network.json").read_text())
     rows = {(r["place"], r["name"]): r for r in s["rows"]}
-    kinds = ("2 ranks Horovod", "2 ranks Horovod fp16 compression", "2 ranks Horovod Gloo",
-             "2 ranks torch DDP")
+    kinds = ("2 ranks Horovod", "2 ranks Horovod fp16 compression",
+             "2 ranks Horovod bf16 compression", "2 ranks Horovod Gloo", "2 ranks torch DDP")
     assert rows.keys() == {("one host", "1 rank"), *((p, k) for p in ("one host", "100mbit")
                                                      for k in kinds)}
     plain, fp16 = rows[("100mbit", kinds[0])], rows[("100mbit", kinds[1])]
     info = json.loads((out / "runs" / "one_host-2_ranks_Horovod-0" / "run_info.json").read_text())
     assert plain["sent_bytes_per_rank"] == info["allreduce_payload_bytes_rank0"]  # 2 (N-1)/N = 1
     assert fp16["sent_bytes_per_rank"] == plain["sent_bytes_per_rank"] / 2
+    assert rows[("100mbit", kinds[2])]["sent_bytes_per_rank"] == fp16["sent_bytes_per_rank"]
     gloo = json.loads((out / "runs" / "100mbit-2_ranks_Horovod_Gloo-0" / "run_info.json")
                       .read_text())
     assert gloo["world"] == 2  # horovodrun --gloo across the hosts, not two worlds of one

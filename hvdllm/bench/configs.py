@@ -55,6 +55,7 @@ def configurations(ranks: int, quick: bool, dtype: str, warmup: int) -> list[Con
             Config(peer, ranks, peer=True, baseline=one),
             Config(dp, ranks, baseline=peer),
             Config(f"{dp} fp16 compression", ranks, ["parallel.compression=fp16"], baseline=dp),
+            Config(f"{dp} bf16 compression", ranks, ["parallel.compression=bf16"], baseline=dp),
             Config(f"{dp} ZeRO-1", ranks, ["parallel.zero=1"], baseline=dp),
             Config(f"1 rank {dtype} activation checkpointing", 1,
                    ["training.activation_checkpointing=blocks"], baseline=one),

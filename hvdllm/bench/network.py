@@ -1,9 +1,9 @@
 """`hvdllm bench --hosts 2 --links 10gbit,1gbit,200mbit`: data parallelism over a slow network.
 
 Rows, side by side in one run: on this machine's own network (shared memory, "one host") one
-rank, then N ranks with Horovod (MPI controller, started by mpirun), Horovod + fp16 compression,
-Horovod with its Gloo controller (started by horovodrun --gloo) and the torch DDP peer (gloo);
-and the same four on N namespace hosts x 1 rank (hvdllm.launch.hosts) for every link speed.
+rank, then N ranks with Horovod (MPI controller, started by mpirun), Horovod + fp16 and + bf16
+compression, Horovod with its Gloo controller (started by horovodrun --gloo) and the torch DDP
+peer (gloo); and the same five on N namespace hosts x 1 rank (hvdllm.launch.hosts) for every link speed.
 Each launch is a real `hvdllm train` (or the peer), across the hosts through their rsh agent or
 ssh stand-in; launches alternate (every place and row once, then again) so drift hits all alike.
 
@@ -45,9 +45,11 @@ congestion window instead of starting slowly again."""
 
 
 def network_rows(n: int) -> list[Config]:
-    """The rows of one place (one host or one link): N-rank Horovod, + fp16, over Gloo, DDP."""
+    """The rows of one place (one host or one link): N-rank Horovod, + fp16, + bf16, over Gloo,
+    DDP."""
     hvd = f"{n} ranks Horovod"
     return [Config(hvd, n), Config(f"{hvd} fp16 compression", n, ["parallel.compression=fp16"]),
+            Config(f"{hvd} bf16 compression", n, ["parallel.compression=bf16"]),
             Config(f"{hvd} Gloo", n, controller="gloo"),
             Config(f"{n} ranks torch DDP", n, peer=True)]
 
@@ -157,8 +159,8 @@ def network_summary(times: dict, infos: dict, s: dict) -> list[dict]:
     rows = []
     for (place, name), step_s in step.items():
         n = 1 if name == "1 rank" else s["hosts"]
-        fp16 = "fp16" in name
-        sent = 2 * (n - 1) / n * payload / (2 if fp16 else 1)  # DDP: fp32 buckets, as Horovod's
+        compressed = "compression" in name  # fp16 or bf16: 2 bytes a gradient
+        sent = 2 * (n - 1) / n * payload / (2 if compressed else 1)  # DDP: fp32, as Horovod's
         row = {"place": place, "name": name, "step_ms": 1000 * step_s,
                "step_ms_repeats": [1000 * t for t in times[(place, name)]],
                "tokens_per_s": s["tokens_per_step"] / step_s, "sent_bytes_per_rank": sent,
@@ -170,7 +172,7 @@ def network_summary(times: dict, infos: dict, s: dict) -> list[dict]:
         if "Horovod" in name and ddp:
             row["vs_ddp"] = ddp / step_s
         plain = step.get((place, hvd_name))
-        if fp16 and place != ONE_HOST and plain:
+        if compressed and place != ONE_HOST and plain:
             plain_adds = plain - step[(ONE_HOST, hvd_name)]
             row["link_share_of_uncompressed"] = (row["link_adds_ms"] / 1000) / plain_adds \
                 if plain_adds > 0 else None
@@ -185,10 +187,10 @@ def network_markdown(s: dict) -> str:
              f"everywhere; median of {s['repeats']} alternating launch(es) x {s['timed_steps']} "
              f"timed steps ({s['warmup_steps']} warm-up). Links: tbf on both ends of each host's "
              f"veth; tcp_slow_start_after_idle = {0 if s['tcp_tuned'] else 1}. 'link adds': the "
-             "row's step minus the same row on one host; 'fp16 share': what the link adds with "
-             "fp16 compression over what it adds without.", "",
+             "row's step minus the same row on one host; 'compressed share': what the link adds "
+             "with fp16 or bf16 compression over what it adds without.", "",
              "| place | configuration | ms/step (repeats) | link adds ms | wire theory ms "
-             "| fp16 share | vs DDP | efficiency | MB sent/rank |",
+             "| compressed share | vs DDP | efficiency | MB sent/rank |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         def num(key: str, fmt: str) -> str:

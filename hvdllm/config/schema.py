@@ -202,9 +202,11 @@ class ParallelConfig:
     """Pipeline schedule."""
     stage_layers: list[int] = field(default_factory=list)
     """Decoder blocks per stage (sums to n_layer); empty balances automatically."""
-    compression: Literal["none", "fp16"] = "none"
-    """Gradient compression for the all-reduce (with zero = 1: the reduce-scatter): "fp16" halves
-    the bytes sent."""
+    compression: Literal["none", "fp16", "bf16"] = "none"
+    """Gradient compression for the all-reduce (with zero = 1: the reduce-scatter): "fp16" or
+    "bf16" halve the bytes sent. fp16 sums are pre-divided by the replicas and checked for
+    overflow by every rank (an overflowing step is skipped); bf16 cannot overflow but keeps 8
+    significant bits (hvdllm/parallel/compression.py)."""
     zero: int = 0
     """1: ZeRO-1, each stage's optimizer state split over its replicas (gradients reduce-scattered,
     each replica updates its slice, parameters all-gathered); 0: plain data parallelism."""

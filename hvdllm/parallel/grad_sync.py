@@ -24,16 +24,7 @@ import torch
 from hvdllm.checkpoint.shards import shard_name
 from hvdllm.checkpoint.state import load_named_optimizer_state, named_optimizer_state
 from hvdllm.optim import global_grad_norm
-
-
-def compression_for(name: str) -> type:
-    """Horovod's compressor for parallel.compression ("none" or "fp16")."""
-    return {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[name]
-
-
-def predivide_factor(compression: str, replicas: int) -> float:
-    """fp16 sums are divided by the replicas before the all-reduce (AllReduceSync's docstring)."""
-    return float(replicas) if compression == "fp16" and replicas > 1 else 1.0
+from hvdllm.parallel.compression import compressor, predivide_factor
 
 
 class AllReduceSync:
@@ -43,10 +34,10 @@ class AllReduceSync:
     micro-batch) the hook starts an asynchronous ring all-reduce of that gradient while backward
     continues on earlier layers, and `synchronize()` waits for all of them.
 
-    With fp16 compression every gradient is cast to fp16 before the sum. A sum of R fp16 values can
-    overflow where each alone does not, so each rank divides by R *before* the all-reduce
-    (gradient_predivide_factor = R): the sum is then already the mean and is never larger than the
-    largest single gradient.
+    With compression every gradient is cast to fp16 or bf16 before the sum (compression.py). A sum
+    of R fp16 values can overflow where each alone does not, so with fp16 each rank divides by R
+    *before* the all-reduce (gradient_predivide_factor = R): the sum is then already the mean and
+    is never larger than the largest single gradient. bf16 has float32's range: no pre-divide.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, compression: str,
@@ -58,7 +49,7 @@ class AllReduceSync:
         self.optimizer = hvd.DistributedOptimizer(
             optimizer,
             named_parameters=self.named,
-            compression=compression_for(compression),
+            compression=compressor(compression),
             backward_passes_per_step=backward_passes,
             op=hvd.Average,
             gradient_predivide_factor=predivide_factor(compression, replicas),
@@ -100,7 +91,7 @@ class AllReduceSync:
     def bytes_per_step(self) -> dict[str, int | str]:
         """What each rank hands to the collectives per step, counted from what the compressor
         emits (for run_info.json and `hvdllm bench`)."""
-        compressed = compression_for(self.compression).compress(torch.zeros(1))[0]
+        compressed = compressor(self.compression).compress(torch.zeros(1))[0]
         payload = sum(p.numel() for p in self.params) * compressed.element_size()
         return {"allreduce_payload_bytes": payload if self.replicas > 1 else 0,
                 "allreduce_dtype": str(compressed.dtype).replace("torch.", "")}

@@ -6,8 +6,8 @@ replica r owns part r of each (a "segment"). Per step:
     backward           as soon as a parameter's gradient is complete (its last micro-batch's
                        backward), a hook starts its hvd.reducescatter over the stage's process
                        set: each replica receives the average of its part while backward goes on
-                       with earlier layers (Horovod fuses the small ones); fp16 on the wire with
-                       compression, pre-divided by R so the sum cannot overflow
+                       with earlier layers (Horovod fuses the small ones); fp16 or bf16 on the
+                       wire with compression (fp16 pre-divided by R so the sum cannot overflow)
     tie()              a tied embedding/head gradient split over two stages is summed between
                        them first: its reduce-scatter waits for that sum
     step               the optimizer updates only the replica's segments (one tensor per
@@ -17,7 +17,7 @@ replica r owns part r of each (a "segment"). Per step:
                        in chunks of GATHER_CHUNK_BYTES (its outputs are not all alive at once)
 
 Without compression the bytes per step equal an all-reduce's (a reduce-scatter plus an
-all-gather); with fp16 compression only the reduce-scatter is compressed. Optimizer state per
+all-gather); with compression only the reduce-scatter is compressed. Optimizer state per
 rank is 1/R of plain data parallelism's (up to the padding). Checkpoints hold each replica's
 segments with their offsets, so any R, any P and plain data parallelism can load them.
 """
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from hvdllm.checkpoint.shards import shard_name
 from hvdllm.optim import decays, global_grad_norm
+from hvdllm.parallel.compression import wire_bytes, wire_dtype
 
 GATHER_CHUNK_BYTES = 64 * 2**20
 """The all-gather runs in chunks of parameters of about this many gathered bytes: its outputs
@@ -100,9 +101,13 @@ class ZeroSync:
         pad = s.per * self.replicas - p.numel()
         padded = F.pad(grad, (0, pad)) if pad else grad  # (a copy only where padding is needed)
         name = f"zero.grads.stage{self.stage}.{s.name}"
-        if self.compression == "fp16":
+        if self.compression == "fp16":  # pre-divided: an fp16 sum of R gradients can overflow
             self.handles[s.name] = hvd.reducescatter_async(
                 (padded / self.replicas).half(), op=hvd.Sum, name=name,
+                process_set=self.process_set)
+        elif self.compression == "bf16":  # float32's range: Horovod averages it as it is
+            self.handles[s.name] = hvd.reducescatter_async(
+                padded.to(torch.bfloat16), op=hvd.Average, name=name,
                 process_set=self.process_set)
         else:
             self.handles[s.name] = hvd.reducescatter_async(
@@ -168,12 +173,12 @@ class ZeroSync:
             q.grad = None
 
     def bytes_per_step(self) -> dict[str, int | str]:
-        wire = 2 if self.compression == "fp16" else 4
+        wire = wire_bytes(self.compression)
         padded = sum(s.per for s in self.segments) * self.replicas
         return {"allreduce_payload_bytes": 0, "allreduce_dtype": "none",
                 "reducescatter_payload_bytes": padded * wire if self.replicas > 1 else 0,
                 "allgather_payload_bytes": padded * 4 if self.replicas > 1 else 0,
-                "reducescatter_dtype": "float16" if wire == 2 else "float32"}
+                "reducescatter_dtype": str(wire_dtype(self.compression)).replace("torch.", "")}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def optimizer_shards(self, stage: int, replica: int) -> dict[str, dict]:

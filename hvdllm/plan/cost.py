@@ -191,7 +191,7 @@ class CostModel:
         if r == 1:
             return 0.0
         link = self._link(True, list(range(0, c.world, c.stages)))  # a stage's replicas
-        wire = 2 if c.compression == "fp16" else 4
+        wire = 4 if c.compression == "none" else 2  # fp16 and bf16 both halve it
         hidden = self.cluster.overlap * fb_s * 2 / 3  # the last micro-batch's backward
         if c.zero:
             scatter = (r - 1) * link.seconds(wire * s.params / r)

@@ -26,6 +26,7 @@ from hvdllm.models import (
 )
 from hvdllm.models.activations import checkpointed_blocks
 from hvdllm.optim import LRSchedule, build_optimizer, optimizer_for, scaled_peak_lr
+from hvdllm.parallel.compression import needs_overflow_check
 from hvdllm.parallel.data_parallel import broadcast_parameters
 from hvdllm.parallel.grad_sync import AllReduceSync
 from hvdllm.parallel.pipeline import PipelineRunner, PointToPoint
@@ -166,10 +167,11 @@ def build_trainer(job: JobConfig, topo: Topology, device: torch.device, data: Pr
     # Distributed step 1: the stage's gradients are averaged across its replicas (grad_sync).
     sync = gradient_sync(job, topo, stage, peak_lr)
     # fp16 (loss scaling) and fp16 compression (an fp16 sum can overflow) both need the
-    # world-agreed inf/NaN check; fp16 compression alone keeps the scale at 1.
+    # world-agreed inf/NaN check; fp16 compression alone keeps the scale at 1. bf16 compression
+    # cannot overflow: no check.
     scaler = LossScaler(job.precision.dtype == "fp16", job.precision.initial_scale,
                         job.precision.growth_interval, world_max=topo.world_max,
-                        check_overflow=job.parallel.compression == "fp16")
+                        check_overflow=needs_overflow_check(job.parallel.compression))
     peak, source = (job.precision.peak_tflops, "from the job") if job.precision.peak_tflops \
         else mfu_peak(job.precision.dtype, device)
     logger.info("model: %s %.2fM parameters on this stage | MFU peak %.2f TFLOP/s per rank (%s)",

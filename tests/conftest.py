@@ -25,7 +25,7 @@ GROUPS = ("unit", "mpi", "slurm", "bench", "multihost", "elastic", "data")
 GROUP_OF_MODULE = {
     "test_config": "unit", "test_layout": "unit", "test_schedules": "unit", "test_optim": "unit",
     "test_docs": "unit", "test_data": "unit", "test_models": "unit", "test_slurm_templates": "unit",
-    "test_metrics": "unit", "test_plan": "unit",
+    "test_metrics": "unit", "test_plan": "unit", "test_device_messages": "unit",
     "test_data_parallel": "mpi", "test_pipeline": "mpi", "test_install": "mpi",
     "test_slurm": "slurm", "test_slurm_prepare": "slurm", "test_bench": "bench",
     "test_data_sources": "data", "test_data_scale": "data", "test_multihost": "multihost",
@@ -46,8 +46,9 @@ TEST_TIMEOUT_S = {"mpi": 900, "bench": 900, "slurm": 1800, "multihost": 600, "el
 
 def env() -> dict[str, str]:
     """The launch environment: local OpenMPI settings (hvdllm.launch.env), unbuffered Python,
-    and this venv's bin first on PATH."""
-    e = mpi_env(PYTHONUNBUFFERED="1")
+    this venv's bin first on PATH, and no GPU: the tests' ranks run on the CPU even on a GPU
+    machine (two test ranks on one GPU is refused; GPU checks: scripts/gpu-check.sh)."""
+    e = mpi_env(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     e["PATH"] = f"{BIN}:{e['PATH']}"
     return e
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import BIN, SCRIPTS, mpirun, run
+from conftest import BIN, SCRIPTS, run
 
 from hvdllm.parallel.compression import (
     BF16Compressor, compressor, needs_overflow_check, predivide_factor, wire_bytes)

@@ -3,6 +3,8 @@
 Activations travel forward and their gradients backward between neighbouring stages of a
 replica over the pipeline communicator (mpi4py point-to-point). Each message is a small header
 (dtype and shape) and the tensor's raw bytes, so every dtype - bf16 included - arrives bit-exact.
+On GPUs the bytes go from device memory when MPI is CUDA-aware, else through pinned host buffers
+(parallel/device_messages.py).
 Sends are non-blocking (Isend, completed at the end of the step); receives block, under the
 watchdog (parallel/watchdog.py), which ends the job with a message naming the stage, replica and
 step if a neighbour stops answering.
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from hvdllm.models import Stage, causal_lm_loss
+from hvdllm.parallel.device_messages import MessageBuffers
 from hvdllm.parallel.schedules import SCHEDULES
 from hvdllm.profile.spans import StepSpans
 
@@ -32,21 +35,23 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class PointToPoint:
     """Dtype-exact tensor messages to the previous/next stage on the pipeline communicator."""
 
-    def __init__(self, comm, waiting: Callable[[str], contextlib.AbstractContextManager]) -> None:
+    def __init__(self, comm, waiting: Callable[[str], contextlib.AbstractContextManager],
+                 device: torch.device = torch.device("cpu")) -> None:
         self.comm, self.waiting = comm, waiting  # waiting: the watchdog guard
+        self.buffers = MessageBuffers(device)  # host memory, GPU memory or pinned staging
         self.pending: list = []  # (request, buffers) of sends in flight
         self.wait_s = 0.0  # time spent blocked in receives (the measured bubble)
         self.spans: StepSpans | None = None  # the training step's spans (None in evaluation)
 
     def send(self, tensor: torch.Tensor, dest_stage: int, tag: int) -> None:
-        t = tensor.detach().contiguous().cpu()
-        header = np.array([_DTYPES.index(t.dtype), t.dim(), *t.shape], dtype=np.int64)
-        payload = t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+        header = np.array([_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape],
+                          dtype=np.int64)
+        payload, keep = self.buffers.outgoing(tensor)
         from mpi4py import MPI
 
         reqs = [self.comm.Isend([header, MPI.INT64_T], dest=dest_stage, tag=tag),
                 self.comm.Isend([payload, MPI.BYTE], dest=dest_stage, tag=tag + 1)]
-        self.pending.append((reqs, (header, payload, t)))
+        self.pending.append((reqs, (header, payload, keep)))
 
     def recv(self, src_stage: int, tag: int, what: str, device: torch.device,
              micro: int = -1) -> torch.Tensor:
@@ -57,13 +62,13 @@ class PointToPoint:
             header = np.zeros(8, dtype=np.int64)
             self.comm.Recv([header, MPI.INT64_T], source=src_stage, tag=tag)
             dtype, shape = _DTYPES[header[0]], [int(d) for d in header[2:2 + header[1]]]
-            out = torch.empty(shape, dtype=dtype)
-            self.comm.Recv([out.view(torch.uint8).numpy(), MPI.BYTE], source=src_stage, tag=tag + 1)
+            into, out = self.buffers.incoming(shape, dtype)
+            self.comm.Recv([into, MPI.BYTE], source=src_stage, tag=tag + 1)
         end = time.perf_counter()
         self.wait_s += end - start
         if self.spans is not None:  # the same two readings: chart and bubble agree
             self.spans.add("recv", micro, start, end)
-        return out.to(device)
+        return self.buffers.arrived(out) if device == self.buffers.device else out.to(device)
 
     def finish_sends(self) -> None:
         from mpi4py import MPI
@@ -173,7 +178,7 @@ class PipelineRunner:
         return total, count
 
 
-def sync_tied_gradient(stage: Stage, embed_comm) -> None:
+def sync_tied_gradient(stage: Stage, embed_set) -> None:
     """Sum the tied embedding/head gradient between the first and last stage of a replica.
 
     In one process that weight's gradient is the sum of what the embedding lookup and the output
@@ -181,19 +186,13 @@ def sync_tied_gradient(stage: Stage, embed_comm) -> None:
     the full gradient, take identical optimizer steps, and stay identical.
     """
     weight = stage.tied_weight
-    if weight is None or embed_comm is None:
+    if weight is None or embed_set is None:
         return
-    from mpi4py import MPI
+    import horovod.torch as hvd
 
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)
-    grad = weight.grad.detach().cpu().contiguous()
-    embed_comm.Allreduce(MPI.IN_PLACE, [grad.view(torch.uint8).numpy(), _mpi_float(grad.dtype)],
-                         op=MPI.SUM)
-    weight.grad.copy_(grad)
-
-
-def _mpi_float(dtype: torch.dtype):
-    from mpi4py import MPI
-
-    return {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}[dtype]
+    # Distributed: a two-rank all-reduce over the replica's end stages, in place and where the
+    # gradient lives (Horovod's process set: NCCL on GPUs, MPI on CPUs; a + b is exact in
+    # either order, so both copies stay bit-identical).
+    hvd.allreduce_(weight.grad, op=hvd.Sum, name="tied_embedding.grad", process_set=embed_set)

@@ -50,8 +50,9 @@ class Topology:
     """mpi4py communicator of the P stages of this rank's replica, ordered by stage."""
     world_comm: Any = None
     """mpi4py COMM_WORLD (None under Gloo)."""
-    embed_comm: Any = None
-    """mpi4py communicator of this replica's first and last stage (for tied embeddings; P > 1)."""
+    embed_set: Any = None
+    """Horovod process set of this replica's first and last stage (the tied embedding's gradient
+    sum; P > 1, those two stages only): NCCL on GPUs, MPI on CPUs."""
     watchdog: Watchdog | None = None
     """Ends the job when a wait on other ranks exceeds the peer timeout."""
 
@@ -172,22 +173,28 @@ def init_distributed(layout_for: Callable[[int], Layout], peer_timeout_s: float 
     # Comm.Split: ranks with the same color share a communicator; key orders them inside it.
     stage_comm = world_comm.Split(color=stage, key=replica)
     pipe_comm = world_comm.Split(color=replica, key=stage)
-    ends = stages > 1 and stage in (0, stages - 1)
-    embed_comm = world_comm.Split(color=replica if ends else MPI.UNDEFINED, key=stage)
-    warm_up_object_collectives([world_comm, stage_comm, pipe_comm, embed_comm])
-    # Horovod's process sets must be listed identically on every rank.
+    warm_up_object_collectives([world_comm, stage_comm, pipe_comm])
+    # Horovod's process sets must be listed identically on every rank: each stage's replicas (its
+    # gradient exchange), then each replica's two end stages (its tied embedding), unless those
+    # two are the whole world (P = 2, R = 1: the global set).
+    embed_set = None
     if stages == 1:
         hvd.init(comm=world_comm)
         process_set = hvd.global_process_set
     else:
         sets = [hvd.ProcessSet(layout.stage_ranks(s)) for s in range(stages)]
-        hvd.init(comm=world_comm, process_sets=sets)
+        ends = [[layout.replica_ranks(r)[0], layout.replica_ranks(r)[-1]]
+                for r in range(layout.replicas)]
+        end_sets = [hvd.ProcessSet(e) for e in ends] if len(ends[0]) < world else []
+        hvd.init(comm=world_comm, process_sets=sets + end_sets)
         process_set = sets[stage]
+        if stage in (0, stages - 1):
+            embed_set = end_sets[replica] if end_sets else hvd.global_process_set
     return Topology(layout=layout, rank=rank, stage=stage, replica=replica,
                     local_rank=hvd.local_rank(), local_size=hvd.local_size(),
                     process_set=process_set, stage_comm=stage_comm, pipe_comm=pipe_comm,
                     world_comm=world_comm,
-                    embed_comm=embed_comm if embed_comm != MPI.COMM_NULL else None,
+                    embed_set=embed_set,
                     watchdog=_watchdog(rank, stage, replica, peer_timeout_s))
 
 

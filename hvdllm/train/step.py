@@ -37,7 +37,7 @@ def synchronize_gradients(t: Trainer) -> bool:
     # ZeRO-1's reduce-scatter), and the tied embedding/head copies of the first and last stage
     # summed (after an all-reduce; before a reduce-scatter, whose slices would not line up).
     with t.topo.waiting("the gradient all-reduce (or reduce-scatter) and the tied gradient"):
-        t.sync.synchronize(tie=lambda: sync_tied_gradient(t.stage, t.topo.embed_comm))
+        t.sync.synchronize(tie=lambda: sync_tied_gradient(t.stage, t.topo.embed_set))
     # Distributed step 5: unscale and agree across the world whether any gradient overflowed.
     return t.scaler.unscale_and_check(t.params)
 

@@ -77,9 +77,16 @@ class Trainer:
 
 
 def pick_device(topo: Topology, threads: int) -> torch.device:
-    """One GPU per local rank when there are GPUs; otherwise the cores split between local ranks."""
+    """One GPU per local rank when there are GPUs; otherwise the cores split between local ranks.
+    More ranks than GPUs on a node is refused: two ranks on one GPU is what NCCL refuses (or
+    hangs on), and silently sharing would halve each rank's memory."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(topo.local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        if topo.local_size > gpus:
+            raise UserError(f"{topo.local_size} ranks on this node but {gpus} GPU(s): start at "
+                            f"most {gpus} rank(s) per node, or hide the GPUs "
+                            "(CUDA_VISIBLE_DEVICES=) to train on the CPU")
+        torch.cuda.set_device(topo.local_rank)
         return torch.device("cuda", torch.cuda.current_device())
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // topo.local_size))
     return torch.device("cpu")
@@ -186,7 +193,7 @@ def build_trainer(job: JobConfig, topo: Topology, device: torch.device, data: Pr
 def schedule_runner(job: JobConfig, topo: Topology, stage: Stage, scaler: LossScaler,
                     device: torch.device) -> PipelineRunner:
     """The stage's schedule over its micro-batches (pipeline messages by mpi4py when P > 1)."""
-    p2p = PointToPoint(topo.pipe_comm, topo.waiting) if topo.stages > 1 else None
+    p2p = PointToPoint(topo.pipe_comm, topo.waiting, device) if topo.stages > 1 else None
     return PipelineRunner(stage, topo.stage, topo.stages, job.parallel.schedule,
                           topo.layout.micro_batches, p2p, device,
                           lambda: autocast(job.precision.dtype, device), scaler.scale_loss)

@@ -10,9 +10,15 @@ PYTEST := $(PY) -m pytest tests --durations=15
 # defined once, in hvdllm/launch/env.py, and passed as environment variables.
 MPIRUN := env $$($(PY) -m hvdllm.launch.env) mpirun -np $(RANKS)
 
-.PHONY: setup setup-slurm test test-unit test-mpi test-slurm test-bench test-multihost test-elastic demo clean
+.PHONY: setup setup-slurm gpu-build-check test test-unit test-mpi test-slurm test-bench test-multihost test-elastic demo clean
 setup:
 	@bash scripts/setup.sh
+
+# Opt-in, never part of CI (downloads the CUDA torch, ~4 GB): proves the GPU build (NCCL, CUDA
+# kernels, bf16) compiles and links here, in its own venv; needs nvcc, not a GPU.
+gpu-build-check:
+	@VENV=$(CURDIR)/.venv-gpu HVDLLM_DEVICE=cuda bash scripts/setup.sh
+	.venv-gpu/bin/horovodrun --check-build
 
 setup-slurm:
 	@bash scripts/setup-slurm.sh  # test-only: Slurm, munge, shellcheck for tests/test_slurm.py

@@ -8,7 +8,15 @@
 #   VENV                 virtual environment to use (default: .venv in the repository)
 #   HVDLLM_WHEEL_CACHE   where the built Horovod wheel is kept between clones
 #                        (default: ~/.cache/hvdllm/wheels); keyed by Horovod, torch, Python,
-#                        machine and a hash of the patch files, so a changed patch rebuilds once.
+#                        machine, a hash of the patch files (a changed patch rebuilds once) and,
+#                        for GPU builds, the CUDA version and architectures.
+#   HVDLLM_DEVICE        auto (default): cuda when `nvidia-smi -L` lists a GPU, else cpu.
+#                        cuda: the CUDA build of the pinned torch, NCCL from its PyPI package,
+#                        Horovod built with HOROVOD_GPU_OPERATIONS=NCCL (needs nvcc of the same
+#                        CUDA major as that torch). cpu: the CPU build, MPI and Gloo only.
+#   HVDLLM_CUDA_ARCHS    GPU architectures to compile Horovod's kernels for, comma-separated
+#                        compute capabilities (90 = H100/H200, 80 = A100, 89 = L40S); default:
+#                        those of the GPUs present, else 90.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,6 +26,11 @@ HOROVOD_VERSION=0.28.1
 CACHE=${HVDLLM_WHEEL_CACHE:-$HOME/.cache/hvdllm/wheels}
 PY=$VENV/bin/python
 PATCHES=$ROOT/patches/horovod
+# Horovod's sdist as published on PyPI, carried in the tree (builds offline, e.g. on a GPU node
+# without network: scripts/gpu-check.sh) and checked against PyPI's sha256.
+SDIST=$ROOT/third_party/horovod-$HOROVOD_VERSION.tar.gz
+SDIST_SHA256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0
+DEVICE=${HVDLLM_DEVICE:-auto}
 
 # pip warns about every package for each missing local index directory; keep its real messages.
 pip_() { "$PY" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
@@ -71,20 +84,40 @@ apply_patches() {
     done < <(horovod_patches)
 }
 
+resolve_device() {
+    case "$DEVICE" in
+        cpu|cuda) ;;
+        auto) if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+                  DEVICE=cuda; else DEVICE=cpu; fi ;;
+        *) die "HVDLLM_DEVICE must be auto, cpu or cuda, not '$DEVICE'" ;;
+    esac
+    say "device: $DEVICE"
+}
+
+torch_requirement() {
+    # '===' is PEP 440's exact match: it never takes a local build such as 2.13.0+cpu, which
+    # '==' would (a machine with a CPU wheel at hand would otherwise keep it). PyPI's Linux wheel
+    # of this version is the CUDA 13.0 build.
+    if [ "$DEVICE" = cuda ]; then echo "torch===$TORCH_VERSION"; else echo "torch==$TORCH_VERSION"; fi
+}
+
 make_venv() {
     [ -x "$PY" ] || { say "creating $VENV"; python3 -m venv "$VENV"; }
     # torch is pinned: an unpinned torch pulls a multi-GB CUDA build, and Horovod is compiled
     # against this exact version. Everything the Horovod build imports is installed first;
     # hvdllm's own dependencies come from setup.cfg at the end (one list, not two).
     pip_ install -q --upgrade pip wheel setuptools
-    pip_ install -q "torch==$TORCH_VERSION" numpy mpi4py cloudpickle psutil pyyaml packaging cffi
+    pip_ install -q "$(torch_requirement)" numpy mpi4py cloudpickle psutil pyyaml packaging cffi
 }
 
 horovod_ok() {
-    # Horovod is usable when it imports, was built against the installed torch, and has MPI + Gloo.
-    "$PY" - <<'PYEOF' 2>/dev/null
+    # Horovod is usable when it imports, was built against the installed torch, and has MPI + Gloo
+    # (+ NCCL on the GPU path).
+    HVDLLM_DEVICE=$DEVICE "$PY" - <<'PYEOF' 2>/dev/null
+import os
 import horovod.torch as hvd
 assert hvd.mpi_built() and hvd.gloo_built()
+assert os.environ["HVDLLM_DEVICE"] != "cuda" or hvd.nccl_built()
 PYEOF
 }
 
@@ -92,27 +125,43 @@ build_horovod_wheel() {
     local dest=$1 work
     work=$(mktemp -d)
     say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (about 7 minutes on 2 cores)"
-    pip_ download -q --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION"
-    tar -xzf "$work"/horovod-"$HOROVOD_VERSION".tar.gz -C "$work"
+    echo "$SDIST_SHA256  $SDIST" | sha256sum --check --quiet - \
+        || die "$SDIST is not Horovod $HOROVOD_VERSION's sdist (sha256 differs)"
+    tar -xzf "$SDIST" -C "$work"
     local src=$work/horovod-$HOROVOD_VERSION
     apply_patches "$src"
     # The HOROVOD_WITH_* switches make a failed framework fail the build instead of being skipped;
     # --no-build-isolation lets CMake import the installed torch. The policy minimum lets a CMake 4
     # configure the bundled gloo (harmless with CMake 3).
+    local gpu_env=()
+    [ "$DEVICE" = cuda ] && read -r -a gpu_env <<< "$(gpu_build_env)"
+    env "${gpu_env[@]}" \
     HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
     HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
     CMAKE_POLICY_VERSION_MINIMUM=3.5 MAKEFLAGS=-j"$(nproc)" \
         "$PY" -m pip wheel -q --no-build-isolation --no-deps --no-cache-dir -w "$work/dist" "$src" \
-        > "$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; die "Horovod build failed (log above)"; }
+        > "$work/build.log" 2>&1 || build_failed "$work/build.log"
     mkdir -p "$dest"
     mv "$work"/dist/horovod-*.whl "$dest"/
     rm -rf "$work"
+}
+
+build_failed() {
+    # Say which part of the build failed and why: its first compiler/CMake/linker error, then the
+    # log's tail.
+    local log=$1 first
+    tail -n 40 "$log" >&2
+    first=$(grep -m1 -A1 "CMake Error" "$log" | tr -s ' \n' ' ' || true)
+    [ -n "$first" ] || first=$(grep -v "subprocess-exited-with-error" "$log" \
+                               | grep -m1 -E "error:|undefined reference" || true)
+    die "Horovod build failed${first:+ at: $first} (log above; device $DEVICE)"
 }
 
 install_horovod() {
     local pyver key dest
     pyver=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
     key="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-$pyver-$(uname -m)-patches-$(patches_hash)"
+    [ "$DEVICE" = cuda ] && key="$key-cuda$(torch_cuda)-sm$(cuda_archs | tr ',' '_')"
     dest=$CACHE/$key
     if horovod_ok && [ -f "$VENV/.horovod-build" ] && [ "$(cat "$VENV/.horovod-build")" = "$key" ]; then
         return
@@ -127,17 +176,27 @@ install_horovod() {
 }
 
 check_horovod() {
-    local out
+    local out parts=("PyTorch" "MPI" "Gloo")
+    [ "$DEVICE" = cuda ] && parts+=("NCCL")
     out=$("$VENV/bin/horovodrun" --check-build 2>&1) || die "horovodrun --check-build failed: $out"
-    for part in "PyTorch" "MPI" "Gloo"; do
+    for part in "${parts[@]}"; do
         echo "$out" | grep -Eq "\[X\] $part" || die "Horovod was built without $part:"$'\n'"$out"
     done
 }
 
+# shellcheck source=scripts/setup-gpu.sh
+. "$ROOT/scripts/setup-gpu.sh"  # the GPU path's functions (torch_cuda, cuda_archs, gpu_build_env)
+
+resolve_device
 install_openmpi
 install_patch_tool
 make_venv
+[ "$DEVICE" = cuda ] && check_cuda_toolchain
 install_horovod
 check_horovod
 pip_ install -q -e "${ROOT}[dev]"  # hvdllm and the dependencies setup.cfg declares
-say "ready: $VENV (torch $TORCH_VERSION, Horovod $HOROVOD_VERSION with PyTorch, MPI and Gloo)"
+if [ "$DEVICE" = cuda ]; then
+    say "ready: $VENV (torch $TORCH_VERSION CUDA $(torch_cuda), Horovod $HOROVOD_VERSION with PyTorch, MPI, Gloo and NCCL)"
+else
+    say "ready: $VENV (torch $TORCH_VERSION, Horovod $HOROVOD_VERSION with PyTorch, MPI and Gloo)"
+fi

@@ -21,8 +21,6 @@ import horovod.torch as hvd
 import torch
 from horovod.torch.compression import Compressor
 
-COMPRESSIONS = ("none", "fp16", "bf16")
-
 
 class BF16Compressor(Compressor):
     """Floating tensors travel as bfloat16 and come back in their own dtype."""

@@ -185,7 +185,7 @@ def init_distributed(layout_for: Callable[[int], Layout], peer_timeout_s: float 
         sets = [hvd.ProcessSet(layout.stage_ranks(s)) for s in range(stages)]
         ends = [[layout.replica_ranks(r)[0], layout.replica_ranks(r)[-1]]
                 for r in range(layout.replicas)]
-        end_sets = [hvd.ProcessSet(e) for e in ends] if len(ends[0]) < world else []
+        end_sets = [hvd.ProcessSet(e) for e in ends] if world > 2 else []  # 2: the world
         hvd.init(comm=world_comm, process_sets=sets + end_sets)
         process_set = sets[stage]
         if stage in (0, stages - 1):

@@ -25,6 +25,7 @@ import subprocess
 import numpy as np
 import torch
 
+
 def parse_ompi_info(text: str) -> bool:
     """Whether `ompi_info --parsable --all` output says Open MPI was built with CUDA support."""
     return any(line.strip() == "mca:mpi:base:param:mpi_built_with_cuda_support:value:true"

@@ -81,8 +81,16 @@ def hvdllm(*args) -> list[str]:
     return [BIN / "hvdllm", *args]
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete records of a .jsonl file. Each record ends with a newline; a test that polls
+    a running job can read the file mid-write, so text after the last newline (a record still
+    being written) is left out."""
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

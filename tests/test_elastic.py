@@ -6,14 +6,13 @@ whatever a failed test left running in them.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, TINY, hvdllm, mpirun, read_metrics, run, train_losses
+from conftest import BIN, TINY, hvdllm, mpirun, read_jsonl, read_metrics, run, train_losses
 from host_launch import start_in_host, wait_for
 
 from hvdllm.checkpoint import Checkpoint, CheckpointManager
@@ -62,7 +61,7 @@ def horovodrun_elastic(made, ssh_dir, discover, np: int, *train_args) -> list:
 
 def resets(run_dir: Path) -> list[dict]:
     path = run_dir / "elastic.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return read_jsonl(path) if path.is_file() else []
 
 
 def run_elastic(made, cmd: list, log_path: Path, event, timeout_s: float = LAUNCH_TIMEOUT_S) -> int:

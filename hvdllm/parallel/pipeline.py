@@ -53,8 +53,8 @@ class PointToPoint:
                 self.comm.Isend([payload, MPI.BYTE], dest=dest_stage, tag=tag + 1)]
         self.pending.append((reqs, (header, payload, keep)))
 
-    def recv(self, src_stage: int, tag: int, what: str, device: torch.device,
-             micro: int = -1) -> torch.Tensor:
+    def recv(self, src_stage: int, tag: int, what: str, micro: int = -1) -> torch.Tensor:
+        """The next message from a neighbour, on this stage's device."""
         from mpi4py import MPI
 
         start = time.perf_counter()
@@ -68,7 +68,7 @@ class PointToPoint:
         self.wait_s += end - start
         if self.spans is not None:  # the same two readings: chart and bubble agree
             self.spans.add("recv", micro, start, end)
-        return self.buffers.arrived(out) if device == self.buffers.device else out.to(device)
+        return self.buffers.arrived(out)
 
     def finish_sends(self) -> None:
         from mpi4py import MPI
@@ -108,8 +108,7 @@ class PipelineRunner:
     def _input(self, i: int, get_batch: Callable[[int], Batch], step: int) -> torch.Tensor:
         if self.stage.first:
             return get_batch(i)[0].to(self.device)
-        x = self.p2p.recv(self.s - 1, ACT_TAG, f"activations of micro-batch {i}",
-                          self.device, micro=i)
+        x = self.p2p.recv(self.s - 1, ACT_TAG, f"activations of micro-batch {i}", micro=i)
         return x.requires_grad_()
 
     def _forward(self, i: int, get_batch: Callable[[int], Batch], step: int, spans: StepSpans):
@@ -129,8 +128,7 @@ class PipelineRunner:
             with spans.span("backward", i):
                 self.scale_loss(out / self.m).backward()
         else:
-            grad = self.p2p.recv(self.s + 1, GRAD_TAG, f"gradients of micro-batch {i}",
-                                 self.device, micro=i)
+            grad = self.p2p.recv(self.s + 1, GRAD_TAG, f"gradients of micro-batch {i}", micro=i)
             with spans.span("backward", i):
                 out.backward(grad.to(out.dtype))
         if not self.stage.first:
@@ -165,7 +163,7 @@ class PipelineRunner:
         total, count = 0.0, 0
         for i, (inputs, targets) in enumerate(batches):
             x = inputs.to(self.device) if self.stage.first else \
-                self.p2p.recv(self.s - 1, ACT_TAG, f"evaluation activations {i}", self.device)
+                self.p2p.recv(self.s - 1, ACT_TAG, f"evaluation activations {i}")
             with self.autocast():
                 out = self.stage.forward(x)
                 if self.stage.last:
